@@ -1,0 +1,130 @@
+"""The one DenseNet-121 builder, its checkpoints, and the split into backbone features and head.
+
+Head: ``Dropout(p)`` then ``Linear(1024, n_labels)`` as ``model.classifier``. The dropout is an
+``nn.Dropout`` module in front of the head so MC-Dropout can sample it (torchvision's dense layers
+drop out functionally, so toggling modules there would change nothing).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.errors import UserError
+
+ARCH = "densenet121"
+FEATURE_DIM = 1024
+
+
+def imagenet_weights_file() -> Path:
+    """Where torchvision keeps the ImageNet DenseNet-121 weights in the local torch cache."""
+    from torchvision.models import DenseNet121_Weights
+
+    name = DenseNet121_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def _backbone_state_dict(pretrained: str) -> dict:
+    """State dict of the backbone from ``imagenet`` (local torch cache) or a file path."""
+    path = imagenet_weights_file() if pretrained == "imagenet" else Path(pretrained)
+    if not path.is_file():
+        where = f"the torch cache ({path})" if pretrained == "imagenet" else str(path)
+        raise UserError(
+            f"--pretrained {pretrained}: weights not found at {where}; there is no download. Copy "
+            f"densenet121-a639ec97.pth there, pass --pretrained /path/to/weights.pth, or use --pretrained none"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not plain weights"
+        raise UserError(f"--pretrained {path}: not a plain weights file ({type(exc).__name__}); "
+                        "only tensors are loaded (weights_only=True)") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    # torchvision's published file names dense-layer parts "norm.1" where the module says "norm1".
+    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    fixed = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        fixed[match.group(1) + match.group(2) if match else key] = value
+    return {k: v for k, v in fixed.items() if not k.startswith("classifier")}
+
+
+def build_model(n_labels: int, dropout: float = 0.2, pretrained: str = "none") -> nn.Module:
+    """DenseNet-121 with the multi-label head; ``pretrained`` is ``none``, ``imagenet`` or a path."""
+    from torchvision.models import densenet121
+
+    model = densenet121(weights=None)
+    if pretrained != "none":
+        missing, unexpected = model.load_state_dict(_backbone_state_dict(pretrained), strict=False)
+        missing = [k for k in missing if not k.startswith("classifier")]
+        if missing or unexpected:
+            raise UserError(f"--pretrained {pretrained}: not DenseNet-121 weights "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+    model.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(FEATURE_DIM, n_labels))
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model under DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled 1024-d features: what DenseNet's forward computes before the classifier."""
+    model = unwrap(model)
+    return torch.flatten(F.adaptive_avg_pool2d(F.relu(model.features(x)), 1), 1)
+
+
+def head(model: nn.Module) -> nn.Sequential:
+    return unwrap(model).classifier
+
+
+# ====== checkpoints ======
+
+def checkpoint_dict(model, labels, image_size, dropout, epoch, val_macro_auroc, **extra) -> dict:
+    """A plain dict (tensors, numbers, strings): loadable with ``weights_only=True``."""
+    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    ckpt = {"model": state, "labels": list(labels), "image_size": int(image_size), "arch": ARCH,
+            "dropout": float(dropout), "epoch": int(epoch),
+            "val_macro_auroc": None if val_macro_auroc is None else float(val_macro_auroc)}
+    ckpt.update(extra)
+    return ckpt
+
+
+def read_checkpoint(path) -> dict:
+    """Load a checkpoint with ``weights_only=True`` only: a crafted pickle cannot run code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path}: file not found; pass a best.pt/last.pt written by train")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is "not a plain checkpoint"
+        raise UserError(f"--weights {path}: not a plain checkpoint, refused ({type(exc).__name__}); "
+                        "only files written by train are loaded (weights_only=True)") from None
+    if not isinstance(ckpt, dict) or not {"model", "labels", "arch"} <= set(ckpt):
+        raise UserError(f"--weights {path}: not a checkpoint of this suite (needs model, labels, arch)")
+    return ckpt
+
+
+def load_model(path, labels=None, image_size=None) -> tuple[nn.Module, dict]:
+    """Model and checkpoint dict from ``path``; labels/image size must match when given."""
+    ckpt = read_checkpoint(path)
+    if ckpt["arch"] != ARCH:
+        raise UserError(f"--weights {path}: architecture {ckpt['arch']!r}, this suite builds {ARCH!r}")
+    if labels is not None and list(labels) != list(ckpt["labels"]):
+        raise UserError(f"--weights {path}: trained on labels {' '.join(ckpt['labels'])}, --labels says "
+                        f"{' '.join(labels)}; pass the checkpoint's labels or omit --labels")
+    if image_size is not None and int(image_size) != int(ckpt["image_size"]):
+        raise UserError(f"--weights {path}: trained at --image-size {ckpt['image_size']}, asked for "
+                        f"{image_size}; omit --image-size or pass {ckpt['image_size']}")
+    model = build_model(len(ckpt["labels"]), ckpt.get("dropout", 0.0))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"--weights {path}: weights do not fit DenseNet-121 with "
+                        f"{len(ckpt['labels'])} labels") from None
+    return model, ckpt

@@ -1,0 +1,157 @@
+"""What every subcommand does first: set up the run, load the model, load a split's rows and
+pixels, and the one clean pass whose logits the later stages reuse."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tools import distributed
+from tools.cache import build_store, default_cache_dir
+from tools.data import CXRDataset, check_images_exist, label_matrix, read_table, resolve_paths, select_split
+from tools.engine import (default_workers, make_loader, predict, prepare_model, resolve_device,
+                          resolve_precision, seed_everything)
+from tools.errors import UserError
+from tools.io import prepare_outdir, write_config
+from tools.model import load_model
+
+log = logging.getLogger("cxr")
+
+INFERENCE_BATCH = 64
+
+
+@dataclass
+class Run:
+    args: object
+    outdir: Path
+    device: torch.device
+    precision: str
+    skipped: dict = field(default_factory=dict)
+
+    @property
+    def workers(self) -> int:
+        return default_workers() if self.args.num_workers is None else self.args.num_workers
+
+    @property
+    def batch_size(self) -> int:
+        return self.args.batch_size or INFERENCE_BATCH
+
+    def config(self, **extra) -> None:
+        """Write ``config.json`` (rank 0); called first, and again when facts are learned."""
+        if distributed.is_main():
+            write_config(self.outdir, self.args, device=str(self.device), precision=self.precision,
+                         seed=self.args.seed, world_size=distributed.world_size(),
+                         skipped_images=self.skipped, **extra)
+
+
+def start_run(args) -> Run:
+    """Output folder, seed, device (one per torchrun rank), precision, and config.json first."""
+    if getattr(args, "image_size", None) is not None and args.image_size < 32:
+        raise UserError(f"--image-size {args.image_size}: must be at least 32 (DenseNet-121 downsamples 32x)")
+    outdir = prepare_outdir(args.outdir) if distributed.is_main() or not distributed.launched_by_torchrun() else Path(args.outdir)
+    device = resolve_device(distributed.init(args.device))
+    seed_everything(args.seed)
+    run = Run(args, Path(args.outdir), device, resolve_precision(getattr(args, "precision", "fp32"), device))
+    distributed.barrier()
+    run.config()
+    return run
+
+
+def load_checkpoint_model(run: Run):
+    """Model from ``--weights`` on the run's device; fills ``args.labels``/``args.image_size``
+    from the checkpoint when they were omitted (a mismatch is an error)."""
+    args = run.args
+    if not args.weights:
+        raise UserError(f"--weights is required for {args.command}: pass a best.pt written by train")
+    model, ckpt = load_model(args.weights, args.labels, args.image_size)
+    args.labels = list(ckpt["labels"])
+    args.image_size = int(ckpt["image_size"])
+    return prepare_model(model, run.device), ckpt
+
+
+@dataclass
+class SplitData:
+    """One split's rows (table order), image paths, labels (NaN unknown) and decoded pixels."""
+    name: str | None
+    df: pd.DataFrame
+    paths: list
+    y: np.ndarray
+    store: object
+
+    def dataset(self, image_size: int, transform=None) -> CXRDataset:
+        return CXRDataset(self.paths, self.y, image_size, transform=transform, source=self.store)
+
+    @property
+    def clusters(self) -> np.ndarray:
+        """Bootstrap unit: patients when ``patient_id`` exists, else single images."""
+        if "patient_id" in self.df.columns:
+            return self.df["patient_id"].astype(str).to_numpy()
+        return np.arange(len(self.df))
+
+
+def read_input_table(args, require_labels: bool = True) -> pd.DataFrame:
+    df = read_table(args.csv, args.labels or [], require_labels=require_labels)
+    for col in getattr(args, "group_col", None) or []:
+        if col not in df.columns:
+            raise UserError(f"--group-col {col}: no such column in --csv {args.csv}; "
+                            f"columns are: {', '.join(map(str, df.columns))}")
+    return df
+
+
+def cache_dir(args):
+    if getattr(args, "no_cache", False):
+        return None
+    return Path(args.cache_dir) if getattr(args, "cache_dir", None) else default_cache_dir()
+
+
+def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
+    """Rows of ``split``; every image path checked up front; pixels decoded once (or read from the
+    cache). Undecodable images stop the run, or with ``--skip-bad-images`` are dropped and counted."""
+    args = run.args
+    df = select_split(table, split, args.csv)
+    paths = resolve_paths(df, args.img_root)
+    check_images_exist(paths, args.csv, args.img_root)
+    store = None
+    if distributed.is_main():
+        store = build_store(paths, args.image_size, cache_dir(args), run.workers, progress=True)
+    store = distributed.broadcast_object(store) if cache_dir(args) is not None else (
+        store if distributed.is_main() else build_store(paths, args.image_size, None, run.workers, progress=False))
+    if store.bad:
+        shown = ", ".join(paths[i] for i in store.bad[:3])
+        if not getattr(args, "skip_bad_images", False):
+            raise UserError(f"--csv {args.csv}: {len(store.bad)} image(s) cannot be decoded (first: {shown}); "
+                            "replace them or pass --skip-bad-images")
+        log.warning("skipping %d undecodable image(s) in split %s (first: %s)", len(store.bad), split, shown)
+        run.skipped[str(split)] = {"count": len(store.bad), "paths": [paths[i] for i in store.bad]}
+        run.config()
+        keep = np.setdiff1d(np.arange(len(df)), store.bad)
+        df = df.iloc[keep].reset_index(drop=True)
+        paths = [paths[i] for i in keep]
+        store = _Subset(store, keep)
+    y = label_matrix(df, args.labels) if all(lbl in df.columns for lbl in args.labels) else None
+    return SplitData(split, df, paths, y, store)
+
+
+class _Subset:
+    """Rows ``keep`` of a store, renumbered 0..len(keep)-1."""
+
+    def __init__(self, store, keep):
+        self.store, self.keep, self.bad = store, np.asarray(keep), []
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, index):
+        return self.store[int(self.keep[index])]
+
+
+def clean_pass(run: Run, model, data: SplitData, features: bool = False, transform=None,
+               desc: str = "predict") -> dict:
+    """Logits (and backbone features) of ``model`` on ``data``, in row order."""
+    loader = make_loader(data.dataset(run.args.image_size, transform), run.batch_size, run.workers,
+                         run.device, persistent=False)
+    return predict(model, loader, run.device, run.precision, features=features, progress=desc)
