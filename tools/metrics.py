@@ -1,0 +1,204 @@
+"""The metrics module: one implementation of every number the suite reports about discrimination.
+
+Binary metrics per label, computed on the rows whose label is known (NaN = unknown, masked):
+
+- ``auroc``: area under the ROC curve (trapezoids through every operating point); equals
+  ``sklearn.metrics.roc_auc_score``.
+- ``auprc``: average precision, sum over thresholds of (R_k - R_{k-1}) * P_k, no interpolation;
+  equals ``sklearn.metrics.average_precision_score``.
+- ``f1@0.5``: F1 of the decision ``p >= 0.5``; undefined when there is no positive and none predicted.
+- ``sens@95spec``: the largest sensitivity over ROC operating points with specificity >= 0.95
+  (all points, as ``sklearn.metrics.roc_curve(drop_intermediate=False)``).
+
+AUROC, AUPRC and sensitivity are undefined (NaN, written as JSON null) for a label with one class
+only. Macro = mean over labels whose metric is defined; micro = all known (image, label) pairs pooled.
+
+Everything accepts row weights. A bootstrap resample is a vector of multiplicities, so each
+resample reuses the one sort per label and the bootstrap is vectorised over resamples: 1,000
+patient-level resamples of every metric cost about as much as a few sklearn calls.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
+_SPEC_TOL = 1e-12
+
+
+def sigmoid(x) -> np.ndarray:
+    """Logistic function ``1 / (1 + exp(-x))`` without overflow for large |x|; NaN stays NaN."""
+    x = np.asarray(x, dtype=float)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def _sorted_curve_inputs(y: np.ndarray, p: np.ndarray):
+    """Sort by score descending; return y sorted, the order, and the last index of each tie group."""
+    order = np.argsort(-p, kind="mergesort")
+    ps = p[order]
+    ends = np.r_[np.flatnonzero(np.diff(ps)), len(ps) - 1] if len(ps) else np.array([], int)
+    return y[order], order, ends
+
+
+def binary_metrics_weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    """All four metrics of one label for each weight vector in ``w`` (shape (B, n) or (n,)).
+
+    ``y`` in {0, 1} and ``p`` finite, both (n,), rows with unknown labels already removed.
+    Returns {metric: array (B,) or scalar}; undefined values are NaN.
+    """
+    w = np.asarray(w, float)
+    squeeze = w.ndim == 1
+    w = np.atleast_2d(w)
+    y = np.asarray(y, float)
+    p = np.asarray(p, float)
+    if len(y) == 0:
+        out = {m: np.full(len(w), np.nan) for m in METRICS}
+        return {m: v[0] for m, v in out.items()} if squeeze else out
+    ys, order, ends = _sorted_curve_inputs(y, p)
+    ws = w[:, order]
+    tp = np.cumsum(ws * ys, axis=1)[:, ends]
+    fp = np.cumsum(ws * (1 - ys), axis=1)[:, ends]
+    n_pos, n_neg = tp[:, -1:], fp[:, -1:]
+    defined = (n_pos[:, 0] > 0) & (n_neg[:, 0] > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.concatenate([np.zeros((len(w), 1)), tp / n_pos], axis=1)
+        fpr = np.concatenate([np.zeros((len(w), 1)), fp / n_neg], axis=1)
+        auroc = np.sum(np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2, axis=1)
+        precision = np.where(tp + fp > 0, tp / np.where(tp + fp > 0, tp + fp, 1), 0.0)
+        auprc = np.sum(np.diff(tpr, axis=1) * precision, axis=1)
+        sens = np.max(np.where(fpr <= 0.05 + _SPEC_TOL, tpr, -np.inf), axis=1)
+        pred = p >= 0.5
+        tp5 = (w * (y * pred)).sum(1)
+        fp5 = (w * ((1 - y) * pred)).sum(1)
+        fn5 = (w * (y * ~pred)).sum(1)
+        denom = 2 * tp5 + fp5 + fn5
+        f1 = np.where(denom > 0, 2 * tp5 / np.where(denom > 0, denom, 1), np.nan)
+    out = {
+        "auroc": np.where(defined, auroc, np.nan),
+        "auprc": np.where(defined, auprc, np.nan),
+        "f1@0.5": f1,
+        "sens@95spec": np.where(defined, sens, np.nan),
+    }
+    return {m: v[0] for m, v in out.items()} if squeeze else out
+
+
+def binary_metrics(y, p) -> dict[str, float]:
+    """The four metrics of one label, unweighted, unknown (NaN) labels masked."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    known = ~np.isnan(y)
+    res = binary_metrics_weighted(y[known], p[known], np.ones(int(known.sum())))
+    return {m: float(v) for m, v in res.items()}
+
+
+def _label_stats(y: np.ndarray) -> dict:
+    known = ~np.isnan(y)
+    n, n_pos = int(known.sum()), int(np.nansum(y))
+    return {"n": n, "n_pos": n_pos, "prevalence": n_pos / n if n else float("nan")}
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+    """Mean over the last axis ignoring NaN; NaN where every entry is NaN (no warning)."""
+    count = np.sum(~np.isnan(values), axis=-1)
+    total = np.nansum(values, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _all_metrics_weighted(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict:
+    """{"per_class": [ {metric: (B,)} per label ], "macro": {...}, "micro": {...}} for weights (B, n).
+
+    Resamples are processed in chunks so memory stays bounded on large test sets."""
+    step = max(1, int(4e6 // max(1, y.size)))
+    if len(w) <= step:
+        return _all_metrics_chunk(y, p, w)
+    parts = [_all_metrics_chunk(y, p, w[i:i + step]) for i in range(0, len(w), step)]
+    cat = lambda get: {m: np.concatenate([get(r)[m] for r in parts]) for m in METRICS}  # noqa: E731
+    return {"per_class": [cat(lambda r, j=j: r["per_class"][j]) for j in range(y.shape[1])],
+            "macro": cat(lambda r: r["macro"]), "micro": cat(lambda r: r["micro"])}
+
+
+def _all_metrics_chunk(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict:
+    per_class = []
+    for j in range(y.shape[1]):
+        known = ~np.isnan(y[:, j])
+        per_class.append(binary_metrics_weighted(y[known, j], p[known, j], w[:, known]))
+    macro = {m: _nanmean_rows(np.stack([pc[m] for pc in per_class], axis=-1)) for m in METRICS}
+    known = ~np.isnan(y)
+    rows = np.nonzero(known)[0]
+    micro = binary_metrics_weighted(y[known], p[known], w[:, rows])
+    return {"per_class": per_class, "macro": macro, "micro": micro}
+
+
+def compute_metrics(y, p, labels, split=None) -> dict:
+    """SPEC metrics schema for labels ``y`` (N, L; NaN unknown) and probabilities ``p`` (N, L)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    res = _all_metrics_weighted(y, p, np.ones((1, len(y))))
+    scalar = lambda d: {m: float(d[m][0]) for m in METRICS}  # noqa: E731
+    per_class = {}
+    for j, label in enumerate(labels):
+        per_class[label] = {**scalar(res["per_class"][j]), **_label_stats(y[:, j])}
+    return {"split": split, "n": int(len(y)), "labels": list(labels),
+            "macro": scalar(res["macro"]), "micro": scalar(res["micro"]), "per_class": per_class}
+
+
+# ====== bootstrap ======
+
+def bootstrap_weights(clusters, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) row multiplicities of a cluster bootstrap: clusters (patients) are drawn with
+    replacement and every row of a drawn cluster comes along (pass ``np.arange(n)`` for rows)."""
+    rng = np.random.default_rng(seed)
+    codes = np.unique(np.asarray(clusters).astype(str), return_inverse=True)[1].ravel()
+    k = int(codes.max()) + 1 if len(codes) else 0
+    if k == 0:
+        return np.zeros((n_boot, 0), np.float32)
+    draws = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)
+    return draws[:, codes].astype(np.float32)
+
+
+def _ci(values: np.ndarray) -> list | None:
+    values = values[~np.isnan(values)]
+    if len(values) < 10:
+        return None
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def _attach_ci(metrics: dict, boot: dict, labels) -> dict:
+    metrics["macro"]["ci95"] = {m: _ci(boot["macro"][m]) for m in METRICS}
+    metrics["micro"]["ci95"] = {m: _ci(boot["micro"][m]) for m in METRICS}
+    for j, label in enumerate(labels):
+        metrics["per_class"][label]["ci95"] = {m: _ci(boot["per_class"][j][m]) for m in METRICS}
+    return metrics
+
+
+def metrics_with_ci(y, p, labels, clusters=None, n_boot=1000, seed=0, split=None, weights=None) -> dict:
+    """:func:`compute_metrics` plus 95% percentile bootstrap intervals (``ci95``) resampling
+    ``clusters`` (patient ids; rows when None). ``weights`` may pass precomputed resamples."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    metrics = compute_metrics(y, p, labels, split)
+    if n_boot <= 0 and weights is None:
+        return metrics
+    if weights is None:
+        weights = bootstrap_weights(np.arange(len(y)) if clusters is None else clusters, n_boot, seed)
+    return _attach_ci(metrics, _all_metrics_weighted(y, p, weights), labels)
+
+
+def group_gap(y, p, in_group: np.ndarray, labels, weights: np.ndarray | None) -> dict:
+    """Metric of the group minus metric of the rest, per metric, macro and per class, with 95%
+    intervals from the same resamples (a gap whose interval excludes 0 is not noise)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    ones = np.ones((1, len(y)))
+    point_g = _all_metrics_weighted(y[in_group], p[in_group], ones[:, in_group])
+    point_r = _all_metrics_weighted(y[~in_group], p[~in_group], ones[:, ~in_group])
+    if weights is not None:
+        boot_g = _all_metrics_weighted(y[in_group], p[in_group], weights[:, in_group])
+        boot_r = _all_metrics_weighted(y[~in_group], p[~in_group], weights[:, ~in_group])
+
+    def block(get):
+        out = {m: float(get(point_g)[m][0] - get(point_r)[m][0]) for m in METRICS}
+        if weights is not None:
+            out["ci95"] = {m: _ci(get(boot_g)[m] - get(boot_r)[m]) for m in METRICS}
+        return out
+
+    return {"macro": block(lambda r: r["macro"]),
+            "per_class": {label: block(lambda r, j=j: r["per_class"][j]) for j, label in enumerate(labels)}}
