@@ -1,0 +1,251 @@
+"""Selective prediction: risk-coverage curves and AURC for the decisions of a multi-label model.
+
+Decisions are the known (image, label) pairs (label not NaN) at threshold 0.5; a decision is
+correct when ``(p >= 0.5) == y``. A confidence signal ranks the decisions; abstaining on the
+least confident ones trades coverage for risk.
+
+Definitions
+-----------
+Confidence: ``max(p, 1 - p)`` for the probability itself (``confidence_from_probs``); for a
+spread signal such as the predictive std of MC dropout or TTA, ``-std`` (lower spread = more
+confident, ``confidence_from_spread``).
+
+Risk-coverage curve (``risk_coverage``): for each distinct confidence value t, from high to low,
+keep the pairs with confidence >= t. ``n_kept`` is their number, ``coverage = n_kept / n`` and
+``risk`` their error rate. Pairs with equal confidence are kept or dropped together, so there
+is one row per distinct confidence value and no subsampling.
+
+AURC (Geifman et al. 2019, "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers",
+https://arxiv.org/abs/1805.08206): the mean selective risk over the coverage levels k / n,
+k = 1..n, the pairs ranked by confidence from high to low,
+``AURC = (1/n) * sum_k errors(k) / k``, where errors(k) counts the errors among the k most
+confident pairs.
+
+Ties: when the k-th pair falls inside a group of m pairs with equal confidence, the order inside
+the group is arbitrary. errors(k) is taken as its expectation over a uniformly random order inside
+the group, i.e. the errors before the group plus ``(k - k0) * e / m`` for the k - k0 pairs taken
+from a group holding e errors. At the end of each group this equals the ``risk_coverage`` row
+(errors are interpolated linearly in k between rows), so the AURC is computed from the curve
+itself and does not depend on the order of the input. A constant confidence gives
+AURC = risk at full coverage, the expected AURC of a random ranking.
+
+Oracle AURC: the AURC of the ideal ranking, all correct pairs first. With c correct pairs out of
+n, ``risk(k) = max(k - c, 0) / k`` and ``oracle_AURC = (1/n) * sum_{k=c+1..n} (k - c) / k``
+(computed exactly; for large n it tends to ``r + (1 - r) * ln(1 - r)`` with r the error rate).
+``e_aurc = aurc - oracle_aurc`` >= 0, the excess AURC.
+
+Coverage at risk: for a target risk, the largest coverage of a ``risk_coverage`` row whose risk
+is <= the target, with that row's threshold and risk; None when no row qualifies.
+
+Undefined values (no known pair) are NaN from the float functions and None in the summary dict.
+"""
+
+import numpy as np
+import pandas as pd
+
+from tools.calibration import decision_correct, none_if_nan
+from tools.io import save_figure
+
+CURVE_COLUMNS = ["coverage", "risk", "threshold", "n_kept"]
+RISK_TARGETS = (0.01, 0.02, 0.05, 0.10)
+
+
+# ====== confidence signals ======
+
+def confidence_from_probs(probs):
+    """Confidence of the decision at 0.5: ``max(p, 1 - p)``, in [0.5, 1]; NaN stays NaN."""
+    probs = np.asarray(probs, dtype=float)
+    return np.maximum(probs, 1.0 - probs)
+
+
+def confidence_from_spread(std):
+    """Confidence from a spread such as the predictive std: ``-std`` (lower spread ranks first)."""
+    return -np.asarray(std, dtype=float)
+
+
+def known_decisions(confidence, probs, y):
+    """Flatten to the known pairs: ``(confidence, correct)`` 1-D arrays where ``y`` is not NaN.
+
+    ``correct`` is ``(p >= 0.5) == y`` as bool; ``confidence``, ``probs`` and ``y`` share a shape.
+    """
+    confidence = np.asarray(confidence, dtype=float)
+    probs = np.asarray(probs, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if not confidence.shape == probs.shape == y.shape:
+        raise ValueError(f"confidence {confidence.shape}, probs {probs.shape} and y {y.shape} "
+                         "must have the same shape")
+    known = ~np.isnan(y)
+    if not np.all(np.isfinite(probs[known])):
+        raise ValueError("probs holds a non-finite value on a known (image, label) pair")
+    return confidence[known], decision_correct(probs[known], y[known]) == 1.0
+
+
+def _check(confidence, correct):
+    """1-D float confidence and bool correctness of equal length; NaN confidence is an error."""
+    confidence = np.asarray(confidence, dtype=float).ravel()
+    correct = np.asarray(correct).ravel()
+    if confidence.shape != correct.shape:
+        raise ValueError(f"{confidence.size} confidences for {correct.size} decisions")
+    if np.any(np.isnan(confidence)):
+        raise ValueError("confidence holds NaN: mask unknown pairs first (known_decisions)")
+    if correct.dtype != bool:
+        if not np.all(np.isin(correct, (0, 1))):
+            raise ValueError("correct must hold booleans or 0/1")
+        correct = correct.astype(bool)
+    return confidence, correct
+
+
+# ====== curves and areas ======
+
+def risk_coverage(confidence, correct):
+    """Full risk-coverage curve, one row per distinct confidence value, high to low.
+
+    Columns ``coverage, risk, threshold, n_kept``: the row for threshold t keeps the ``n_kept``
+    decisions with confidence >= t; ``coverage = n_kept / n`` and ``risk`` is the error rate of the
+    kept decisions. Rows are in increasing coverage; the last row has coverage 1. Empty input gives
+    an empty frame.
+    """
+    confidence, correct = _check(confidence, correct)
+    n = confidence.size
+    if n == 0:
+        return pd.DataFrame({c: pd.Series(dtype=int if c == "n_kept" else float)
+                             for c in CURVE_COLUMNS})
+    order = np.argsort(-confidence, kind="stable")
+    conf_sorted = confidence[order]
+    cum_errors = np.cumsum(~correct[order])
+    # The last index of each run of equal confidence closes a tie group.
+    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    n_kept = ends + 1
+    return pd.DataFrame({
+        "coverage": n_kept / n,
+        "risk": cum_errors[ends] / n_kept,
+        "threshold": conf_sorted[ends],
+        "n_kept": n_kept,
+    })[CURVE_COLUMNS]
+
+
+def aurc_from_curve(curve):
+    """AURC from a ``risk_coverage`` frame: ``(1/n) * sum_{k=1..n} errors(k) / k``.
+
+    errors(k) is exact at each row and linear in k between rows (the expectation over random
+    orders inside a tie group, see the module docstring). NaN for an empty curve.
+    """
+    if len(curve) == 0:
+        return float("nan")
+    n_kept = curve["n_kept"].to_numpy(dtype=float)
+    errors = np.rint(curve["risk"].to_numpy(dtype=float) * n_kept)
+    n = int(n_kept[-1])
+    k = np.arange(1, n + 1, dtype=float)
+    errors_k = np.interp(k, np.concatenate(([0.0], n_kept)), np.concatenate(([0.0], errors)))
+    return float(np.mean(errors_k / k))
+
+
+def aurc(confidence, correct):
+    """Area under the risk-coverage curve: the mean selective risk over coverages k/n, k = 1..n.
+
+    Decisions ranked by confidence high to low, ties handled as the expectation over random
+    orders inside a tie group (Geifman et al. 2019, https://arxiv.org/abs/1805.08206). NaN if
+    there is no decision.
+    """
+    return aurc_from_curve(risk_coverage(confidence, correct))
+
+
+def oracle_curve(correct):
+    """Risk-coverage curve of the ideal ranking (all correct decisions first), one row per k.
+
+    ``risk = max(k - c, 0) / k`` with c the number of correct decisions; ``threshold`` is NaN, as
+    no confidence value produces this ranking.
+    """
+    _, correct = _check(np.zeros(np.size(correct)), correct)
+    n, c = correct.size, int(correct.sum())
+    k = np.arange(1, n + 1)
+    return pd.DataFrame({
+        "coverage": k / n if n else k.astype(float),
+        "risk": np.maximum(k - c, 0) / k,
+        "threshold": np.full(n, np.nan),
+        "n_kept": k,
+    })[CURVE_COLUMNS]
+
+
+def oracle_aurc(correct):
+    """AURC of the ideal ranking: ``(1/n) * sum_{k=c+1..n} (k - c) / k``, c correct out of n.
+
+    The lowest AURC any confidence signal can reach with these decisions; NaN if n = 0.
+    """
+    _, correct = _check(np.zeros(np.size(correct)), correct)
+    n, c = correct.size, int(correct.sum())
+    if n == 0:
+        return float("nan")
+    k = np.arange(c + 1, n + 1, dtype=float)
+    return float(np.sum((k - c) / k) / n)
+
+
+def coverage_at_risk(curve, target):
+    """The row of ``curve`` with the largest coverage whose risk <= ``target``.
+
+    Returns ``{"coverage", "threshold", "risk"}`` as floats, all None when no row qualifies.
+    """
+    ok = curve[curve["risk"] <= target]
+    if len(ok) == 0:
+        return {"coverage": None, "threshold": None, "risk": None}
+    row = ok.loc[ok["coverage"].idxmax()]
+    return {"coverage": float(row["coverage"]), "threshold": float(row["threshold"]),
+            "risk": float(row["risk"])}
+
+
+def _target_key(target):
+    """JSON key of a risk target: two decimals ("0.10"), more when two would lose digits."""
+    key = f"{target:.2f}"
+    return key if float(key) == target else repr(float(target))
+
+
+def selective_summary(confidence, correct, targets=RISK_TARGETS):
+    """AURC, excess AURC, oracle AURC, full-coverage risk, n and coverage at each target risk.
+
+    ``{"aurc", "e_aurc", "oracle_aurc", "risk_at_full_coverage", "n",
+    "coverage_at_risk": {"0.01": {"coverage", "threshold", "risk"}, ...}}``; undefined
+    values (no decision) are None.
+    """
+    confidence, correct = _check(confidence, correct)
+    curve = risk_coverage(confidence, correct)
+    area, oracle = aurc_from_curve(curve), oracle_aurc(correct)
+    full_risk = float(curve["risk"].iloc[-1]) if len(curve) else float("nan")
+    return {
+        "aurc": none_if_nan(area),
+        "e_aurc": none_if_nan(area - oracle),
+        "oracle_aurc": none_if_nan(oracle),
+        "risk_at_full_coverage": none_if_nan(full_risk),
+        "n": int(correct.size),
+        "coverage_at_risk": {_target_key(t): coverage_at_risk(curve, t) for t in targets},
+    }
+
+
+# ====== figure ======
+
+def plot_risk_coverage(curves, out_path, title, oracle=None, random_risk=None):
+    """Risk-coverage figure: one line per confidence signal, AURC in the legend.
+
+    ``curves`` maps a signal name to its ``risk_coverage`` frame; ``oracle`` (an ``oracle_curve``
+    frame) is drawn dashed, and ``random_risk`` (the full-coverage risk, which a random ranking
+    achieves at every coverage in expectation) as a horizontal line. Written atomically
+    (``tools.io.save_figure``).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        ax.plot(curve["coverage"], curve["risk"],
+                label=f"{name} (AURC {aurc_from_curve(curve):.4f})")
+    if oracle is not None and len(oracle):
+        ax.plot(oracle["coverage"], oracle["risk"], linestyle="--", color="black",
+                label=f"oracle (AURC {aurc_from_curve(oracle):.4f})")
+    if random_risk is not None and np.isfinite(random_risk):
+        ax.axhline(random_risk, linestyle=":", color="grey",
+                   label=f"random (AURC {random_risk:.4f})")
+    ax.set(xlim=(0, 1), xlabel="coverage", ylabel="risk (error rate of kept decisions)",
+           title=title)
+    ax.set_ylim(bottom=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left")
+    save_figure(fig, out_path)
