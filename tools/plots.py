@@ -77,3 +77,20 @@ def group_bars(result, labels, path, metric="auroc") -> None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=len(series))
     save_figure(fig, path)
+
+
+def stress_curves(summary, labels, metric, path) -> None:
+    """``metric`` against severity (0 = clean), a line per corruption: macro and one panel per label."""
+    panels = [("macro", f"macro_{metric}")]
+    if metric == "auroc":
+        panels += [(lbl, f"auroc_{lbl}") for lbl in labels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    clean = summary[summary["corruption"] == "clean"].iloc[0]
+    for ax, (title, column) in zip(axes[0], panels):
+        for name in [c for c in summary["corruption"].unique() if c != "clean"]:
+            rows = summary[summary["corruption"] == name].sort_values("severity")
+            ax.plot([0, *rows["severity"]], [clean[column], *rows[column]], "o-", label=name)
+        ax.set(xlabel="severity (0 = clean)", ylabel=metric, title=title, xticks=[0, 1, 2, 3])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
