@@ -17,6 +17,8 @@ from tools.errors import RunError, UserError
 log = logging.getLogger("cxr")
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+# Kept in step with tools.corruptions.SEVERITIES (a test checks), so --help needs no heavy imports.
+CORRUPTION_NAMES = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast")
 
 
 # ====== parser ======
@@ -81,7 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", parents=[common], formatter_class=Formatter,
                         help="metrics, predictions, ROC/PR curves, slices with intervals")
     slicing_flags(ev)
+
+    st = sub.add_parser("stress", parents=[common], formatter_class=Formatter,
+                        help="metrics under noise, blur, JPEG, brightness/contrast at 3 severities")
+    st.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
+    st.add_argument("--group-col", nargs="+", default=[], help="also write stress_by_<C>.csv per column")
+
+    cal = sub.add_parser("calibrate", parents=[common], formatter_class=Formatter,
+                         help="temperature scaling, ECE, reliability diagrams, MC-Dropout, TTA")
+    uncertainty_flags(cal)
+    cal.add_argument("--per-label", action="store_true", help="one temperature per label")
+
+    sel = sub.add_parser("selective", parents=[common], formatter_class=Formatter,
+                         help="risk-coverage, AURC and coverage at target risks")
+    uncertainty_flags(sel)
+    sel.add_argument("--confidence", choices=["maxprob", "calibrated", "mc_std", "tta_std", "all"],
+                     default="maxprob", help="what ranks the decisions (lower spread = more confident)")
+    sel.add_argument("--per-label", action="store_true", help="one temperature per label for 'calibrated'")
+    sel.add_argument("--calibrated", help="predictions_calibrated_<split>.csv from calibrate: every signal is "
+                     "read from it and the model is not run")
     return parser
+
+
+def uncertainty_flags(parser) -> None:
+    group = parser.add_argument_group("calibration and uncertainty")
+    group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
+    group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
+    group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
+    group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
+    group.add_argument("--predictions", nargs="+", default=None,
+                       help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
 
 
 # ====== train ======
@@ -109,7 +140,60 @@ def cmd_eval(args) -> None:
     reports.write_evaluation(run, data, logits)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+# ====== stress ======
+
+def cmd_stress(args) -> None:
+    from tools import pipeline, stress
+
+    run = pipeline.start_run(args)
+    model, _ = pipeline.load_checkpoint_model(run)
+    data = pipeline.load_split(run, pipeline.read_input_table(args), args.split)
+    clean_logits = pipeline.clean_pass(run, model, data, desc="clean")["logits"]
+    results = stress.corrupted_logits(run, model, data, args.corruptions)
+    stress.write_stress(run, data, clean_logits, results)
+
+
+# ====== calibrate ======
+
+def cmd_calibrate(args) -> None:
+    from tools import pipeline, reports, uncertainty
+    from tools.calibration import fit_temperature
+
+    run = pipeline.start_run(args)
+    model, _ = pipeline.load_checkpoint_model(run)
+    table = pipeline.read_input_table(args)
+    test = pipeline.load_split(run, table, args.test_split or args.split)
+    val = pipeline.load_split(run, table, args.val_split)
+    # ====== one clean pass per split; backbone features kept for MC-Dropout ======
+    test_out = pipeline.split_logits(run, model, test, features=args.mc_samples > 0, desc="test")
+    val_logits = pipeline.split_logits(run, model, val, desc="val")["logits"]
+    temperature = fit_temperature(val_logits, val.y, per_label=args.per_label)
+    # ====== spread ======
+    mc = tta = None
+    if args.mc_samples > 0:
+        probs = uncertainty.mc_dropout_probs(run, model, test_out["features"], args.mc_samples)
+        mc = uncertainty.spread_stats(probs, test.y, args.labels)
+    if args.tta_samples > 0:
+        tta = uncertainty.spread_stats(uncertainty.tta_probs(run, model, test, args.tta_samples), test.y, args.labels)
+    reports.write_calibration(run, test, test_out["logits"], temperature, mc, tta, fitted_on=args.val_split)
+
+
+# ====== selective ======
+
+def cmd_selective(args) -> None:
+    from tools import pipeline, reports, signals
+
+    run = pipeline.start_run(args)
+    wanted = ["maxprob", "calibrated", "mc_std", "tta_std"] if args.confidence == "all" else [args.confidence]
+    if args.calibrated:
+        data, probs, signals = signals.from_calibrated_csv(run, args.calibrated, wanted)
+    else:
+        data, probs, signals = signals.from_model(run, wanted)
+    reports.write_selective(run, data, probs, signals, primary=wanted[0])
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stress": cmd_stress, "calibrate": cmd_calibrate,
+            "selective": cmd_selective}
 
 
 def main(argv=None) -> int:

@@ -155,3 +155,39 @@ def clean_pass(run: Run, model, data: SplitData, features: bool = False, transfo
     loader = make_loader(data.dataset(run.args.image_size, transform), run.batch_size, run.workers,
                          run.device, persistent=False)
     return predict(model, loader, run.device, run.precision, features=features, progress=desc)
+
+
+def logits_from_predictions(files, data: SplitData, labels) -> np.ndarray | None:
+    """Logits of ``data``'s rows from predictions CSVs written by eval (matched by image_path),
+    so a later stage does not run the model again. None when the files hold none of the rows."""
+    if not files:
+        return None
+    frames = []
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"--predictions {f}: file not found; pass predictions_<split>.csv written by eval")
+        frames.append(pd.read_csv(f))
+    preds = pd.concat(frames, ignore_index=True).drop_duplicates("image_path", keep="last").set_index("image_path")
+    cols = [f"{label}_logit" for label in labels]
+    missing = [c for c in cols if c not in preds.columns]
+    if missing:
+        raise UserError(f"--predictions: column(s) {', '.join(missing)} not found; pass files written by eval "
+                        "with the same labels")
+    found = data.df["image_path"].astype(str).isin(preds.index)
+    if not found.any():
+        return None
+    if not found.all():
+        raise UserError(f"--predictions: {int((~found).sum())} of {len(found)} rows of split {data.name} are not in "
+                        f"the predictions (first: {data.df['image_path'][~found].iloc[0]}); pass eval's file for this split")
+    return preds.loc[data.df["image_path"].astype(str), cols].to_numpy(np.float32)
+
+
+def split_logits(run, model, data: SplitData, features: bool = False, desc: str = "predict") -> dict:
+    """Logits of a split: from ``--predictions`` when they cover it and no features are needed,
+    else one clean pass."""
+    if not features:
+        logits = logits_from_predictions(getattr(run.args, "predictions", None), data, run.args.labels)
+        if logits is not None:
+            log.info("split %s: logits read from --predictions (no model pass)", data.name)
+            return {"logits": logits}
+    return clean_pass(run, model, data, features=features, desc=desc)

@@ -69,3 +69,106 @@ def _warn_single_class(metrics: dict) -> None:
         if block["auroc"] is None or np.isnan(block["auroc"]):
             log.warning("warning: label %s has one class only in split %s (n=%d, positives=%d): "
                         "AUROC/AUPRC/sensitivity are null", label, metrics["split"], block["n"], block["n_pos"])
+
+
+# ====== calibrate ======
+
+def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict | None,
+                      fitted_on: str | None) -> dict:
+    """calibration_summary.json, reliability_*.png, predictions_calibrated_<split>.csv.
+
+    ``temperature`` is a number or one per label; ``fitted_on`` names the split it was fitted on
+    (None: not fitted, reported at T = 1)."""
+    from tools.calibration import apply_temperature, calibration_report, plot_reliability
+    from tools.uncertainty import public
+
+    args, labels, y = run.args, run.args.labels, data.y
+    split = data.name or "all"
+    uncal, cal = sigmoid(logits), sigmoid(apply_temperature(logits, temperature))
+    before, after = calibration_report(uncal, y, labels), calibration_report(cal, y, labels)
+    per_label_t = np.ndim(temperature) > 0
+    summary = {"split": split, "fitted_on": fitted_on,
+               "temperature": dict(zip(labels, map(float, temperature))) if per_label_t else float(temperature)}
+    for key in ("ece", "nll", "brier", "auroc", "ece_toplabel"):
+        summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
+    summary["per_class"] = {
+        lbl: {f"{k}_{when}": rep["per_class"][lbl][k] for k in ("ece", "nll", "brier", "auroc")
+              for when, rep in (("before", before), ("after", after))}
+        for lbl in labels}
+    summary["mc_dropout"] = public(mc) or {"samples": 0}
+    summary["tta"] = public(tta) or {"samples": 0}
+    summary["note"] = "Research use only; not for clinical use."
+    if not distributed.is_main():
+        return summary
+    write_json(run.outdir / "calibration_summary.json", summary)
+    t_text = ", ".join(f"{v:.2f}" for v in np.atleast_1d(temperature))
+    plot_reliability(uncal, y, run.outdir / "reliability_uncal.png", f"uncalibrated ({split})")
+    plot_reliability(cal, y, run.outdir / "reliability_temp_scaled.png", f"temperature scaled, T = {t_text} ({split})")
+    extra = {}
+    if mc is not None:
+        plot_reliability(mc["mean"], y, run.outdir / "reliability_mc_dropout.png",
+                         f"MC-Dropout mean, {mc['samples']} samples ({split})")
+    for j, lbl in enumerate(labels):
+        extra[f"{lbl}_prob_uncal"] = uncal[:, j]
+        for name, stats in (("mc", mc), ("tta", tta)):
+            if stats is not None:
+                extra[f"{lbl}_{name}_mean"] = stats["mean"][:, j]
+                extra[f"{lbl}_{name}_std"] = stats["std"][:, j]
+    write_csv(run.outdir / f"predictions_calibrated_{split}.csv",
+              predictions_frame(data.df, labels, logits, cal, extra))
+    rows = [[k, summary[f"{k}_before"], summary[f"{k}_after"]] for k in ("ece", "ece_toplabel", "nll", "brier", "auroc")]
+    print(f"temperature {t_text} (fitted on {fitted_on or 'nothing: reported at T = 1'})")
+    print(tabulate(rows, headers=["", "before", "after"], floatfmt=".4f", missingval="n/a"))
+    for name, stats in (("MC-Dropout", mc), ("TTA", tta)):
+        if stats is not None:
+            print(f"{name}: {stats['samples']} samples, mean std {stats['mean_std']:.4f}, "
+                  f"error-detection AUROC {stats.get('error_detection_auroc')}")
+    return summary
+
+
+# ====== selective ======
+
+def write_selective(run, data, probs, signals: dict, primary: str) -> dict:
+    """risk_coverage_<split>.csv (the primary signal), one CSV per further signal, per-label
+    curves, risk_coverage_<split>.png and selective_summary.json.
+
+    Every signal ranks the same decisions (clean probability at 0.5), so curves compare rankings.
+    ``signals`` maps a name to a confidence array (N, L): higher = more confident."""
+    from tools.selective import (known_decisions, oracle_curve, plot_risk_coverage, risk_coverage,
+                                 selective_summary)
+
+    labels, y = run.args.labels, data.y
+    split = data.name or "all"
+    curves, summaries = {}, {}
+    for name, confidence in signals.items():
+        conf, correct = known_decisions(confidence, probs, y)
+        curves[name] = risk_coverage(conf, correct)
+        summaries[name] = selective_summary(conf, correct)
+        summaries[name]["per_label"] = {}
+        for j, lbl in enumerate(labels):
+            c_j, ok_j = known_decisions(confidence[:, j], probs[:, j], y[:, j])
+            summaries[name]["per_label"][lbl] = selective_summary(c_j, ok_j)
+    _, correct = known_decisions(signals[primary], probs, y)
+    summary = {"split": split, "confidence": primary, **summaries[primary],
+               "signals": {k: v for k, v in summaries.items()},
+               "decisions": "known (image, label) pairs at threshold 0.5; risk = error rate of kept pairs"}
+    if not distributed.is_main():
+        return summary
+    write_csv(run.outdir / f"risk_coverage_{split}.csv", curves[primary])
+    for name, curve in curves.items():
+        if name != primary:
+            write_csv(run.outdir / f"risk_coverage_{split}_{name}.csv", curve)
+    per_label = []
+    for j, lbl in enumerate(labels):
+        c_j, ok_j = known_decisions(signals[primary][:, j], probs[:, j], y[:, j])
+        per_label.append(risk_coverage(c_j, ok_j).assign(label=lbl))
+    write_csv(run.outdir / f"risk_coverage_{split}_per_label.csv", pd.concat(per_label, ignore_index=True))
+    full_risk = summary["risk_at_full_coverage"]
+    plot_risk_coverage(curves, run.outdir / f"risk_coverage_{split}.png", f"risk-coverage ({split}, n pairs = {summary['n']})",
+                       oracle=oracle_curve(correct), random_risk=full_risk)
+    rows = [[name, s["aurc"], s["e_aurc"], (s["coverage_at_risk"]["0.05"] or {}).get("coverage")]
+            for name, s in summaries.items()]
+    print(tabulate(rows, headers=["confidence", "AURC", "E-AURC", "coverage @5% risk"], floatfmt=".4f",
+                   missingval="n/a"))
+    write_json(run.outdir / "selective_summary.json", summary)
+    return summary
