@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--per-label", action="store_true", help="one temperature per label for 'calibrated'")
     sel.add_argument("--calibrated", help="predictions_calibrated_<split>.csv from calibrate: every signal is "
                      "read from it and the model is not run")
+
+    vt = sub.add_parser("valtool", parents=[common], formatter_class=Formatter,
+                        help="the whole suite on a labelled CSV or an unlabelled folder, with report.html")
+    vt.add_argument("--image-dir", help="unlabelled folder, searched recursively for png/jpg/jpeg")
+    slicing_flags(vt)
+    uncertainty_flags(vt)
+    vt.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
+    vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     return parser
 
 
@@ -192,8 +200,17 @@ def cmd_selective(args) -> None:
     reports.write_selective(run, data, probs, signals, primary=wanted[0])
 
 
+# ====== valtool ======
+
+def cmd_valtool(args) -> None:
+    from tools import pipeline, valtool
+
+    run = pipeline.start_run(args)
+    valtool.run_valtool(run)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stress": cmd_stress, "calibrate": cmd_calibrate,
-            "selective": cmd_selective}
+            "selective": cmd_selective, "valtool": cmd_valtool}
 
 
 def main(argv=None) -> int:

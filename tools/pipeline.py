@@ -37,6 +37,15 @@ class Run:
         return default_workers() if self.args.num_workers is None else self.args.num_workers
 
     @property
+    def pass_workers(self) -> int:
+        """Loader processes for passes over decoded pixels: reading them costs microseconds and a
+        corruption well under a millisecond, so the CPU needs none (workers would only compete
+        with the model for cores); a GPU consumes images fast enough to want them."""
+        if self.args.num_workers is not None:
+            return self.args.num_workers
+        return default_workers() if self.device.type == "cuda" else 0
+
+    @property
     def batch_size(self) -> int:
         return self.args.batch_size or INFERENCE_BATCH
 
@@ -70,6 +79,7 @@ def load_checkpoint_model(run: Run):
     model, ckpt = load_model(args.weights, args.labels, args.image_size)
     args.labels = list(ckpt["labels"])
     args.image_size = int(ckpt["image_size"])
+    run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch", "val_macro_auroc")})
     return prepare_model(model, run.device), ckpt
 
 
@@ -152,7 +162,7 @@ class _Subset:
 def clean_pass(run: Run, model, data: SplitData, features: bool = False, transform=None,
                desc: str = "predict") -> dict:
     """Logits (and backbone features) of ``model`` on ``data``, in row order."""
-    loader = make_loader(data.dataset(run.args.image_size, transform), run.batch_size, run.workers,
+    loader = make_loader(data.dataset(run.args.image_size, transform), run.batch_size, run.pass_workers,
                          run.device, persistent=False)
     return predict(model, loader, run.device, run.precision, features=features, progress=desc)
 
