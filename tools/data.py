@@ -31,6 +31,20 @@ def read_table(csv, labels, require_labels: bool = True) -> pd.DataFrame:
     a missing ``image_path`` or label column, a label value other than 0/1/empty, duplicated
     image paths. Rows are numbered as in a spreadsheet: the header is row 1.
     """
+    df = read_csv_file(csv)
+    if require_labels:
+        check_label_columns(df, csv, labels)
+        for label in labels:
+            df[label] = parse_label_column(df[label], csv, label)
+    check_image_paths(df, csv)
+    return df
+
+
+def read_csv_file(csv) -> pd.DataFrame:
+    """The CSV as stored, checked only for being a table with an ``image_path`` column and rows.
+
+    The steps of :func:`read_table` are separate functions so that the data checks can run each
+    one, report what fails and go on with the rest."""
     csv = Path(csv)
     if not csv.is_file():
         raise UserError(f"--csv {csv}: file not found; pass the path of the input CSV")
@@ -44,15 +58,21 @@ def read_table(csv, labels, require_labels: bool = True) -> pd.DataFrame:
         raise UserError(f"--csv {csv}: no image_path column; columns are: {', '.join(map(str, df.columns))}")
     if len(df) == 0:
         raise UserError(f"--csv {csv}: the table has a header but no rows")
-    if require_labels:
-        missing = [label for label in labels if label not in df.columns]
-        if missing:
-            raise UserError(
-                f"--csv {csv}: label column(s) {', '.join(missing)} not found (check --labels); "
-                f"columns are: {', '.join(map(str, df.columns))}"
-            )
-        for label in labels:
-            df[label] = _parse_label_column(df[label], csv, label)
+    return df
+
+
+def check_label_columns(df: pd.DataFrame, csv, labels) -> None:
+    """Every label has a column; the error lists the columns there are."""
+    missing = [label for label in labels if label not in df.columns]
+    if missing:
+        raise UserError(
+            f"--csv {csv}: label column(s) {', '.join(missing)} not found (check --labels); "
+            f"columns are: {', '.join(map(str, df.columns))}"
+        )
+
+
+def check_image_paths(df: pd.DataFrame, csv) -> None:
+    """No empty ``image_path`` and no path listed twice."""
     blank = df["image_path"].isna() | (df["image_path"].astype(str).str.strip() == "")
     if blank.any():
         row = int(np.flatnonzero(blank.to_numpy())[0]) + 2
@@ -65,10 +85,9 @@ def read_table(csv, labels, require_labels: bool = True) -> pd.DataFrame:
             f"--csv {csv}: column image_path, rows {rows[0]} and {rows[1]}: duplicated path {value!r} "
             f"({int(dup.sum())} rows share a path); each image must appear once"
         )
-    return df
 
 
-def _parse_label_column(column: pd.Series, csv, label: str) -> pd.Series:
+def parse_label_column(column: pd.Series, csv, label: str) -> pd.Series:
     """0/1 (also '0.0'/'1.0', True/False) to float; empty/NaN to NaN; anything else is an error."""
     text = column.astype(str).str.strip().str.lower()
     mapping = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0,
@@ -78,7 +97,7 @@ def _parse_label_column(column: pd.Series, csv, label: str) -> pd.Series:
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
         raise UserError(
-            f"--csv {csv}: column {label}, row {pos + 2}: value {column.iloc[pos]!r} is not 0, 1 or empty "
+            f"--csv {csv}: column {label}, row {pos + 2}: value {str(column.iloc[pos])!r} is not 0, 1 or empty "
             f"({int(bad.sum())} such rows); use 1 = present, 0 = absent, empty = unknown"
         )
     return parsed.astype(float)
@@ -149,12 +168,12 @@ def auto_split(df: pd.DataFrame, fractions, seed: int) -> pd.DataFrame:
 
 # ====== images ======
 
-def load_image(path) -> np.ndarray:
-    """Read any PNG/JPEG (8- or 16-bit grayscale, RGB, RGBA; any size) as uint8 grayscale HxW.
+def read_raw(path) -> np.ndarray:
+    """The image as stored in the file (``cv2.IMREAD_UNCHANGED``): HxW grayscale or HxWxC BGR(A),
+    uint8 or uint16. The one place files are decoded.
 
-    16-bit films are scaled by their bit depth: 12-bit data (max <= 4095) by 4095, otherwise by
-    65535, so intensities keep their meaning across images (no per-image stretching).
-    Raises UserError naming the path when the file cannot be decoded.
+    Raises UserError naming the path when the file is missing, cannot be decoded, or holds a
+    pixel type other than 8 or 16 bits.
     """
     data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
     if data is None:
@@ -163,14 +182,25 @@ def load_image(path) -> np.ndarray:
     if image is None:
         raise UserError(f"image {path}: cannot be decoded (truncated or not a PNG/JPEG); "
                         "replace it or pass --skip-bad-images")
+    if image.dtype not in (np.uint8, np.uint16):
+        raise UserError(f"image {path}: unsupported pixel type {image.dtype}; use 8- or 16-bit PNG or JPEG")
+    return image
+
+
+def load_image(path) -> np.ndarray:
+    """Read any PNG/JPEG (8- or 16-bit grayscale, RGB, RGBA; any size) as uint8 grayscale HxW.
+
+    16-bit films are scaled by their bit depth: 12-bit data (max <= 4095) by 4095, otherwise by
+    65535, so intensities keep their meaning across images (no per-image stretching).
+    Raises UserError naming the path when the file cannot be decoded.
+    """
+    image = read_raw(path)
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
     if image.dtype == np.uint16:
         scale = 4095.0 if image.max() <= 4095 else 65535.0
         image = np.clip(np.rint(image.astype(np.float32) * (255.0 / scale)), 0, 255).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise UserError(f"image {path}: unsupported pixel type {image.dtype}; use 8- or 16-bit PNG or JPEG")
     return image
 
 

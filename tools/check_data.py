@@ -1,0 +1,401 @@
+"""Check an input CSV and its images before training: ``python -m tools.check_data --csv CSV
+--img-root DIR [--labels L1 L2 ...] [--out report.json]``.
+
+Problems (exit 1): label values other than 0/1/empty, empty or duplicated image paths, missing
+images, images that cannot be decoded, patients whose rows fall in more than one split.
+Warnings (exit 0): a label with one class only (or no known value) in a split, rows without a
+split or with a split name other than train/val/test.
+Reported either way: prevalence per split and label, image height/width range, bit depth and
+channel counts. Usage errors (no CSV, no such image folder, a label without a column) exit 2.
+
+Every image is decoded once with :func:`tools.data.read_raw`, the decoder the suite trains with,
+so an image that passes here also loads in ``train``/``eval``. Decoding dominates the run time;
+OpenCV and NumPy release the GIL while decoding and reading, so a thread pool uses every core.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from tools.data import (
+    DEFAULT_LABELS,
+    check_image_paths,
+    check_images_exist,
+    check_label_columns,
+    parse_label_column,
+    read_csv_file,
+    read_raw,
+    resolve_paths,
+)
+from tools.errors import UserError
+from tools.io import write_json
+
+PROG = "check_data"
+KNOWN_SPLITS = ("train", "val", "test")
+NO_SPLIT = "(none)"
+CHANNEL_NAMES = {1: "grayscale", 3: "RGB", 4: "RGBA"}
+SHOWN = 10  # problems list at most this many names inline; the JSON report has them all
+
+# Per-image status codes of the image pass.
+_OK, _MISSING, _UNDECODABLE = 0, 1, 2
+
+
+# ====== the table ======
+
+def parse_labels(df: pd.DataFrame, csv, labels) -> tuple[dict[str, pd.Series], list[str]]:
+    """Each label column parsed by :func:`tools.data.parse_label_column`.
+
+    Returns ({label: float column} for the labels that parse, [one problem per label that does
+    not]); a bad column does not stop the others from being checked."""
+    parsed, problems = {}, []
+    for label in labels:
+        try:
+            parsed[label] = parse_label_column(df[label], csv, label)
+        except UserError as exc:
+            problems.append(str(exc))
+    return parsed, problems
+
+
+def split_column(df: pd.DataFrame) -> pd.Series | None:
+    """The ``split`` column as text with empty cells as NO_SPLIT; None without the column."""
+    if "split" not in df.columns:
+        return None
+    split = df["split"].astype("string").str.strip()
+    return split.fillna(NO_SPLIT).replace("", NO_SPLIT).astype(str)
+
+
+def split_order(split: pd.Series) -> list[str]:
+    """train, val, test first (those present), then other names sorted, rows without a split last."""
+    present = set(split.unique())
+    others = sorted(present - set(KNOWN_SPLITS) - {NO_SPLIT})
+    return [s for s in KNOWN_SPLITS if s in present] + others + ([NO_SPLIT] if NO_SPLIT in present else [])
+
+
+def patients_in_several_splits(df: pd.DataFrame, split: pd.Series | None) -> dict[str, list[str]]:
+    """{patient_id: sorted splits} for every patient with rows in more than one split (rows
+    without a split or without a patient id are ignored); empty without either column."""
+    if split is None or "patient_id" not in df.columns:
+        return {}
+    table = pd.DataFrame({"patient": df["patient_id"].astype("string"), "split": split})
+    table = table[table["patient"].notna() & (table["split"] != NO_SPLIT)]
+    counts = table.groupby("patient")["split"].nunique()
+    shared = counts.index[counts > 1]
+    rows = table[table["patient"].isin(shared)]
+    return {str(p): sorted(g.unique()) for p, g in rows.groupby("patient")["split"]}
+
+
+def prevalence(parsed: dict[str, pd.Series], split: pd.Series | None) -> list[dict]:
+    """One record per (split, label): ``n`` rows with a known value, ``n_pos`` positives,
+    ``prevalence`` = n_pos / n (NaN when n = 0). Split ``all`` covers every row."""
+    groups = [("all", None)]
+    if split is not None:
+        groups += [(name, (split == name).to_numpy()) for name in split_order(split)]
+    records = []
+    for name, mask in groups:
+        for label, values in parsed.items():
+            y = values.to_numpy() if mask is None else values.to_numpy()[mask]
+            n, n_pos = int(np.sum(~np.isnan(y))), int(np.nansum(y))
+            records.append({"split": name, "label": label, "n_rows": int(len(y)), "n": n,
+                            "n_pos": n_pos, "prevalence": n_pos / n if n else float("nan")})
+    return records
+
+
+def label_warnings(records: list[dict], has_split: bool) -> list[str]:
+    """A label with one class only, or no known value, within a split (within ``all`` when there
+    is no split column): its AUROC will be undefined there and training on it learns nothing."""
+    warnings = []
+    for r in records:
+        if (r["split"] == "all") == has_split or r["split"] == NO_SPLIT:
+            continue
+        where = f"split {r['split']}" if has_split else "all rows"
+        if r["n"] == 0:
+            warnings.append(f"{where}, label {r['label']}: no known value in {r['n_rows']} row(s)")
+        elif r["n_pos"] in (0, r["n"]):
+            kind = "negatives" if r["n_pos"] == 0 else "positives"
+            warnings.append(f"{where}, label {r['label']}: only {kind} ({r['n']} known row(s)); "
+                            "AUROC/AUPRC are undefined there")
+    return warnings
+
+
+def split_warnings(split: pd.Series | None) -> list[str]:
+    """Rows without a split and split names the suite does not use (train/val/test)."""
+    if split is None:
+        return []
+    warnings = []
+    n_none = int((split == NO_SPLIT).sum())
+    if n_none:
+        warnings.append(f"{n_none} row(s) have no split; no command will use them")
+    unknown = [s for s in split_order(split) if s not in KNOWN_SPLITS and s != NO_SPLIT]
+    if unknown:
+        warnings.append(f"split name(s) {', '.join(map(repr, unknown))} are not train/val/test; "
+                        "--split must name them explicitly")
+    return warnings
+
+
+# ====== the images ======
+
+def inspect_image(path) -> tuple[int, int, int, int, int, str]:
+    """(status, height, width, bits per sample, channels, error) of one file, decoded once with
+    :func:`tools.data.read_raw`; sizes are -1 when the file is missing or cannot be decoded."""
+    if not os.path.isfile(path):
+        return _MISSING, -1, -1, -1, -1, f"image {path}: file not found"
+    try:
+        raw = read_raw(path)
+    except UserError as exc:
+        return _UNDECODABLE, -1, -1, -1, -1, str(exc)
+    channels = 1 if raw.ndim == 2 else int(raw.shape[2])
+    return _OK, int(raw.shape[0]), int(raw.shape[1]), raw.dtype.itemsize * 8, channels, ""
+
+
+def inspect_images(paths, num_workers: int, progress: bool = True, chunk: int = 2048) -> dict:
+    """:func:`inspect_image` of every path in a thread pool, in order.
+
+    Returns arrays ``status``, ``height``, ``width``, ``bits``, ``channels`` (N,) and
+    ``errors`` {row: message}. Paths are submitted in chunks so that 100k rows do not create
+    100k pending futures at once."""
+    from tqdm import tqdm
+
+    paths = list(paths)
+    n = len(paths)
+    out = {key: np.full(n, -1, np.int64) for key in ("status", "height", "width", "bits", "channels")}
+    errors = {}
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool, \
+            tqdm(total=n, desc="images", unit="img", disable=not progress, mininterval=1.0,
+                 file=sys.stderr) as bar:
+        for start in range(0, n, chunk):
+            for i, result in enumerate(pool.map(inspect_image, paths[start:start + chunk]), start):
+                status, h, w, bits, channels, error = result
+                out["status"][i], out["height"][i], out["width"][i] = status, h, w
+                out["bits"][i], out["channels"][i] = bits, channels
+                if error:
+                    errors[i] = error
+                bar.update(1)
+    out["errors"] = errors
+    return out
+
+
+def image_summary(paths, inspected: dict) -> dict:
+    """Counts and ranges over the decoded images: ``height``/``width`` min/median/max,
+    ``bit_depth`` {"8-bit": n, "16-bit": n}, ``channels`` {"grayscale"/"RGB"/"RGBA": n}, plus the
+    ``missing`` paths and the ``undecodable`` [{path, error}]."""
+    status = inspected["status"]
+    ok = status == _OK
+
+    def stats(values):
+        values = values[ok]
+        if not len(values):
+            return {"min": None, "median": None, "max": None}
+        return {"min": int(values.min()), "median": float(np.median(values)), "max": int(values.max())}
+
+    bits, counts = np.unique(inspected["bits"][ok], return_counts=True)
+    chans, chan_counts = np.unique(inspected["channels"][ok], return_counts=True)
+    return {
+        "checked": int(len(status)),
+        "decoded": int(ok.sum()),
+        "height": stats(inspected["height"]),
+        "width": stats(inspected["width"]),
+        "bit_depth": {f"{int(b)}-bit": int(c) for b, c in zip(bits, counts)},
+        "channels": {CHANNEL_NAMES.get(int(c), f"{int(c)} channels"): int(k) for c, k in zip(chans, chan_counts)},
+        "missing": [paths[i] for i in np.flatnonzero(status == _MISSING)],
+        "undecodable": [{"path": paths[i], "error": inspected["errors"][i]}
+                        for i in np.flatnonzero(status == _UNDECODABLE)],
+    }
+
+
+def undecodable_problem(undecodable: list[dict]) -> str:
+    """One line naming the images that cannot be decoded (the first SHOWN of them)."""
+    names = ", ".join(item["path"] for item in undecodable[:SHOWN])
+    more = f" and {len(undecodable) - SHOWN} more" if len(undecodable) > SHOWN else ""
+    return (f"{len(undecodable)} image(s) cannot be decoded (truncated, not a PNG/JPEG, or an "
+            f"unsupported pixel type): {names}{more}; replace them or drop their rows")
+
+
+def patient_problem(shared: dict[str, list[str]]) -> str:
+    """One line naming the patients whose rows fall in several splits (the first SHOWN)."""
+    items = list(shared.items())
+    names = "; ".join(f"{p} in {', '.join(s)}" for p, s in items[:SHOWN])
+    more = f"; and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
+    return (f"{len(items)} patient(s) have rows in more than one split ({names}{more}): "
+            "their images leak between training and evaluation; split by patient_id")
+
+
+# ====== the whole check ======
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers narrow), else cpu_count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True) -> dict:
+    """Run every check; return the report (``problems`` empty when the data are clean).
+
+    Raises UserError for usage errors: no readable CSV, no ``image_path`` column, a label
+    without a column, an image folder that does not exist."""
+    start = time.perf_counter()
+    labels = list(labels)
+    df = read_csv_file(csv)
+    check_label_columns(df, csv, labels)
+    if not Path(img_root).is_dir():
+        raise UserError(f"--img-root {img_root}: no such folder; pass the folder image_path is relative to")
+
+    parsed, problems = parse_labels(df, csv, labels)
+    try:
+        check_image_paths(df, csv)
+    except UserError as exc:
+        problems.append(str(exc))
+
+    split = split_column(df)
+    shared = patients_in_several_splits(df, split)
+    records = prevalence(parsed, split)
+    warnings = split_warnings(split) + label_warnings(records, split is not None)
+    if len(parsed) < len(labels):
+        bad = [label for label in labels if label not in parsed]
+        warnings.append(f"prevalence not computed for {', '.join(bad)} (invalid values, see problems)")
+
+    paths = resolve_paths(df, img_root)
+    try:
+        check_images_exist(paths, csv, img_root)
+    except UserError as exc:
+        problems.append(str(exc))
+    workers = num_workers if num_workers else available_cores()
+    images = image_summary(paths, inspect_images(paths, workers, progress))
+    if images["undecodable"]:
+        problems.append(undecodable_problem(images["undecodable"]))
+    if shared:
+        problems.append(patient_problem(shared))
+
+    return {
+        "csv": str(csv), "img_root": str(img_root), "labels": labels,
+        "n_rows": int(len(df)),
+        "columns": [str(c) for c in df.columns],
+        "splits": {name: int((split == name).sum()) for name in split_order(split)} if split is not None else None,
+        "n_patients": int(df["patient_id"].nunique()) if "patient_id" in df.columns else None,
+        "prevalence": records,
+        "images": images,
+        "patients_in_several_splits": shared,
+        "warnings": warnings,
+        "problems": problems,
+        "ok": not problems,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+# ====== the printed report ======
+
+def prevalence_table(records: list[dict]) -> str:
+    """Rows = splits, columns = labels, cells ``n_pos/n (prevalence %)``."""
+    from tabulate import tabulate
+
+    splits = list(dict.fromkeys(r["split"] for r in records))
+    labels = list(dict.fromkeys(r["label"] for r in records))
+    cell = {(r["split"], r["label"]): r for r in records}
+    rows = []
+    for s in splits:
+        first = cell[(s, labels[0])]
+        row = [s, first["n_rows"]]
+        for label in labels:
+            r = cell[(s, label)]
+            pct = f"{100 * r['prevalence']:.1f}%" if r["n"] else "n/a"
+            row.append(f"{r['n_pos']}/{r['n']} ({pct})")
+        rows.append(row)
+    return tabulate(rows, headers=["split", "rows"] + [f"{label} pos/known" for label in labels])
+
+
+def images_table(images: dict) -> str:
+    """Height/width min/median/max, then counts by bit depth, channels, missing, undecodable."""
+    from tabulate import tabulate
+
+    size = tabulate([[k, images[k]["min"], images[k]["median"], images[k]["max"]] for k in ("height", "width")],
+                    headers=["pixels", "min", "median", "max"])
+    kinds = [[f"bit depth {k}", v] for k, v in images["bit_depth"].items()]
+    kinds += [[f"channels {k}", v] for k, v in images["channels"].items()]
+    kinds += [["missing", len(images["missing"])], ["undecodable", len(images["undecodable"])]]
+    return size + "\n\n" + tabulate(kinds, headers=["images", "count"])
+
+
+def format_report(report: dict) -> str:
+    """The human-readable report printed by the command."""
+    lines = [f"{report['csv']}: {report['n_rows']} rows, labels {', '.join(report['labels'])}, "
+             f"images under {report['img_root']}"]
+    if report["splits"]:
+        lines.append("splits: " + ", ".join(f"{k} {v}" for k, v in report["splits"].items()))
+    else:
+        lines.append("splits: no split column (every command uses all rows)")
+    if report["n_patients"] is not None:
+        lines.append(f"patients: {report['n_patients']}")
+    if report["prevalence"]:
+        lines += ["", "prevalence", prevalence_table(report["prevalence"])]
+    images = report["images"]
+    lines += ["", f"images ({images['decoded']} of {images['checked']} decoded, {report['seconds']} s)",
+              images_table(images)]
+    if report["warnings"]:
+        lines += ["", f"{len(report['warnings'])} warning(s):"] + [f"  - {w}" for w in report["warnings"]]
+    lines.append("")
+    if report["problems"]:
+        lines += [f"{len(report['problems'])} problem(s):"] + [f"  - {p}" for p in report["problems"]]
+    else:
+        lines.append("no problems found")
+    return "\n".join(lines)
+
+
+# ====== command line ======
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Check an input CSV and its images: labels, paths, patients across splits, "
+                    "prevalence, image sizes and bit depths. Exit 0 clean, 1 problems, 2 usage error.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--csv", required=True, help="input CSV (image_path, label columns, optional split, patient_id)")
+    data.add_argument("--img-root", default=".", help="folder that relative image paths start from")
+    data.add_argument("--labels", nargs="+", default=list(DEFAULT_LABELS), help="label columns to check")
+    run = parser.add_argument_group("run")
+    run.add_argument("--num-workers", type=int, default=0,
+                     help="threads decoding images (0 = one per CPU core)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", default=None, help="also write the report as JSON here")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the checks; returns 0 when clean, 1 when there are problems, 2 on a usage error."""
+    args = build_parser().parse_args(argv)
+    # libpng/libjpeg warnings about each bad file would bury the report, which names them anyway.
+    log_level = cv2.getLogLevel()
+    cv2.setLogLevel(2)  # 2 = errors only (OpenCV utils/logger.defines.hpp)
+    try:
+        if len(set(args.labels)) != len(args.labels):
+            raise UserError(f"--labels {' '.join(args.labels)}: a label is given twice; list each label once")
+        if args.num_workers < 0:
+            raise UserError(f"--num-workers {args.num_workers}: must be 0 (one per core) or more")
+        if args.out is not None and not Path(args.out).resolve().parent.is_dir():
+            raise UserError(f"--out {args.out}: folder {Path(args.out).parent} does not exist; create it first")
+        report = check_data(args.csv, args.img_root, args.labels, args.num_workers, not args.no_progress)
+    except UserError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cv2.setLogLevel(log_level)
+    print(format_report(report))
+    if args.out is not None:
+        write_json(args.out, report)
+        print(f"wrote {args.out}")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
