@@ -19,6 +19,8 @@ import numpy as np
 
 from tools.errors import UserError
 
+NOTICE = "Research and education only; not for clinical use."
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -27,6 +29,7 @@ def atomic_path(path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; results are meant to be shared
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -139,7 +142,7 @@ def write_config(outdir, args, **extra) -> Path:
         "versions": library_versions(),
         "platform": platform.platform(),
         "git_commit": git_commit(),
-        "note": "Research use only; not for clinical use.",
+        "note": NOTICE,
     }
     config.update(extra)
     return write_json(Path(outdir) / "config.json", config)

@@ -9,7 +9,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from tools import distributed, plots
-from tools.io import write_csv, write_json
+from tools.io import NOTICE, write_csv, write_json
 from tools.metrics import METRICS, metrics_with_ci, sigmoid
 from tools.slicing import group_metrics, group_table, significant_failures
 
@@ -97,7 +97,7 @@ def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict
         for lbl in labels}
     summary["mc_dropout"] = public(mc) or {"samples": 0}
     summary["tta"] = public(tta) or {"samples": 0}
-    summary["note"] = "Research use only; not for clinical use."
+    summary["note"] = NOTICE
     if not distributed.is_main():
         return summary
     write_json(run.outdir / "calibration_summary.json", summary)

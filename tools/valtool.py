@@ -19,12 +19,11 @@ from tools import distributed, pipeline, reports, stress, uncertainty
 from tools.calibration import fit_temperature
 from tools.data import IMAGE_EXTENSIONS
 from tools.errors import UserError
-from tools.io import write_csv, write_json
+from tools.io import NOTICE, write_csv, write_json
 from tools.metrics import sigmoid
 from tools.selective import confidence_from_probs, confidence_from_spread
 
 log = logging.getLogger("cxr")
-NOTICE = "Research and education only; not for clinical use."
 
 
 def _stage(run, name: str):
@@ -229,5 +228,8 @@ def run_valtool(run) -> dict:
     summary = run_labelled(run) if args.csv else run_unlabelled(run)
     if distributed.is_main():
         write_json(run.outdir / "summary.json", summary)
+        from tools.report import write_report
+
+        log.info("report: %s", write_report(run.outdir).resolve())
     return summary
 
