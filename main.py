@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -217,7 +218,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.outdir is None:
         args.outdir = f"outputs/{args.command}"
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    # Under torchrun only rank 0 narrates; the others speak up for warnings and errors.
+    quiet = int(os.environ.get("RANK", "0")) > 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr, force=True)
     start = time.perf_counter()
     try:
         COMMANDS[args.command](args)

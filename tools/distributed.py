@@ -74,3 +74,12 @@ def gather_rows(index: np.ndarray, arrays: dict[str, np.ndarray], n: int) -> dic
         raise RuntimeError(f"gathered {len(first)} distinct rows, expected {n}")
     order = first[np.argsort(index[first])]
     return {k: v[order] for k, v in arrays.items()}
+
+
+def sum_across_ranks(*values: float) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (the values themselves in one process)."""
+    if world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return tensor.tolist()

@@ -176,4 +176,5 @@ def train_one_epoch(model, loader, optimizer, device, precision, pos_weight, cha
         total += loss.item() * len(x)
         count += len(x)
         bar.set_postfix(loss=f"{total / count:.4f}")
-    return {"train_loss": total / max(count, 1), "images": count, "seconds": time.perf_counter() - start}
+    total, count = distributed.sum_across_ranks(total, count)
+    return {"train_loss": total / max(count, 1), "images": int(count), "seconds": time.perf_counter() - start}

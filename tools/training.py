@@ -103,7 +103,7 @@ def train(args) -> None:
                "val_macro_auroc": auroc,
                **{f"val_auroc_{lbl}": val["metrics"]["per_class"][lbl]["auroc"] for lbl in args.labels},
                "lr": lr, "seconds": stats["seconds"],
-               "train_images_per_s": stats["images"] * distributed.world_size() / max(stats["seconds"], 1e-9)}
+               "train_images_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
         rows.append(row)
         improved = not math.isnan(auroc) and auroc > best
         if improved:

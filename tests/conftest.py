@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny demo data set (64 px) and a model trained on it for one short run.
+
+The decoded-image cache goes to a temporary folder so tests never touch ~/.cache."""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CXR_CACHE_DIR", tempfile.mkdtemp(prefix="cxr-test-cache-"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SIZE = 64
+
+
+def run_main(*argv):
+    """main.py's main() in-process; returns its exit code."""
+    from main import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """(root, csv) of 120 phantoms at 64 px, patient-grouped splits."""
+    from tools.make_demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    csv = make_demo_dataset(root, n=120, seed=5, size=SIZE)
+    return root, Path(csv)
+
+
+@pytest.fixture(scope="session")
+def trained(demo, tmp_path_factory):
+    """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights)."""
+    root, csv = demo
+    out = tmp_path_factory.mktemp("train")
+    rc = run_main("train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", 2,
+                  "--pretrained", "none", "--precision", "fp32", "--batch-size", 16, "--outdir", out,
+                  "--num-workers", 0)
+    assert rc == 0
+    return out

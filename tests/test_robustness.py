@@ -1,0 +1,192 @@
+"""The mistakes real users make: each gives exit status 2 and one clear line on stderr naming
+the file, column, row or flag, never a traceback; checkpoints are never unpickled; runs killed
+mid-way resume and finish exactly as an uninterrupted run."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, SIZE, run_main
+
+
+@pytest.fixture(scope="module")
+def bad(demo, trained, tmp_path_factory):
+    """Broken variants of the demo inputs, made once."""
+    root, csv = demo
+    d = tmp_path_factory.mktemp("bad")
+    table = pd.read_csv(csv)
+    files = {"csv": csv, "root": root, "weights": trained / "best.pt"}
+    (d / "empty.csv").write_text("")
+    files["empty"] = d / "empty.csv"
+    t = table.copy()
+    t.loc[3, "Edema"] = 2
+    t.to_csv(d / "badlabel.csv", index=False)
+    files["badlabel"] = d / "badlabel.csv"
+    t = table.copy()
+    t.loc[t.index[t["split"] == "test"][-1], "image_path"] = "images/nowhere.png"
+    t.to_csv(d / "missing.csv", index=False)
+    files["missing"] = d / "missing.csv"
+    # a truncated PNG and a text file named .png, in the test split
+    broken_root = d / "broken"
+    shutil.copytree(root, broken_root)
+    test_rows = table.index[table["split"] == "test"]
+    first, second = (broken_root / table.loc[i, "image_path"] for i in test_rows[:2])
+    first.write_bytes(first.read_bytes()[:60])
+    second.write_text("not an image")
+    files["broken_root"] = broken_root
+    t = table.copy()
+    t.loc[t["split"] == "test", "Cardiomegaly"] = 0
+    t.to_csv(d / "oneclass.csv", index=False)
+    files["oneclass"] = d / "oneclass.csv"
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    for name, change in {"labels": {"labels": ["Cardiomegaly", "Edema", "Atelectasis"]},
+                         "arch": {"arch": "resnet50"}}.items():
+        torch.save({**ckpt, **change}, d / f"{name}.pt")
+        files[f"ckpt_{name}"] = d / f"{name}.pt"
+    (d / "a_file").write_text("x")
+    files["a_file"] = d / "a_file"
+    files["dir"] = d
+    return files
+
+
+def _eval(f, out, *extra, csv=None, root=None, weights=None):
+    return ["eval", "--csv", csv or f["csv"], "--img-root", root or f["root"], "--weights", weights or f["weights"],
+            "--outdir", out, "--bootstrap", 0, "--precision", "fp32", "--num-workers", 0, *extra]
+
+
+CASES = {
+    "csv not found": (lambda f, o: _eval(f, o, csv=f["dir"] / "nope.csv"), ["nope.csv", "file not found"]),
+    "empty csv": (lambda f, o: _eval(f, o, csv=f["empty"]), ["empty.csv", "empty"]),
+    "label column missing": (lambda f, o: ["train", "--csv", f["csv"], "--img-root", f["root"], "--labels",
+                                           "Cardiomegaly", "Pneumonia", "--outdir", o],
+                             ["Pneumonia", "not found", "columns are: image_path"]),
+    "bad label value": (lambda f, o: _eval(f, o, csv=f["badlabel"]), ["badlabel.csv", "column Edema, row 5", "'2'"]),
+    "image missing": (lambda f, o: _eval(f, o, "--split", "test", csv=f["missing"]),
+                      ["1 of", "not found", "nowhere.png"]),
+    "undecodable images": (lambda f, o: _eval(f, o, root=f["broken_root"]),
+                           ["2 image(s) cannot be decoded", "--skip-bad-images"]),
+    "weights missing": (lambda f, o: _eval(f, o, weights=f["dir"] / "none.pt"), ["--weights", "none.pt", "not found"]),
+    "checkpoint labels differ": (lambda f, o: _eval(f, o, "--labels", "Cardiomegaly", "Edema", "Effusion",
+                                                    weights=f["ckpt_labels"]), ["Atelectasis", "--labels"]),
+    "checkpoint architecture": (lambda f, o: _eval(f, o, weights=f["ckpt_arch"]), ["resnet50", "densenet121"]),
+    "checkpoint image size": (lambda f, o: _eval(f, o, "--image-size", 96), ["trained at --image-size 64", "96"]),
+    "group column missing": (lambda f, o: _eval(f, o, "--group-col", "scanner"), ["--group-col scanner", "no such column"]),
+    "split without rows": (lambda f, o: _eval(f, o, "--split", "holdout"), ["'holdout' has no rows", "train"]),
+    "outdir is a file": (lambda f, o: _eval(f, f["a_file"]), ["a_file is a file"]),
+    "outdir not writable": (lambda f, o: _eval(f, "/sys/cxr_suite_out"), ["/sys/cxr_suite_out", "not writable"]),
+    "image size below 32": (lambda f, o: ["train", "--csv", f["csv"], "--img-root", f["root"], "--image-size", 16,
+                                          "--outdir", o], ["--image-size 16", "at least 32"]),
+    "auto-split not summing to 1": (lambda f, o: ["train", "--csv", f["csv"], "--img-root", f["root"], "--auto-split",
+                                                  0.5, 0.2, 0.2, "--image-size", SIZE, "--outdir", o],
+                                    ["--auto-split", "sum to 1"]),
+    "crafted pickle as weights": (lambda f, o: _eval(f, o, weights=f["dir"] / "evil.pt"), ["evil.pt", "refused"]),
+}
+
+
+class _Evil:
+    """Unpickling this would run ``touch`` on a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_mistake_gives_one_line_and_exit_2(case, bad, tmp_path, capsys):
+    if case == "crafted pickle as weights":
+        torch.save({"model": _Evil(tmp_path / "pwned")}, bad["dir"] / "evil.pt")
+    build, expected = CASES[case]
+    rc = run_main(*build(bad, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("main.py ") and ": error: " in last
+    for text in expected:
+        assert text in last, (text, last)
+    assert "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_debug_flag_shows_the_traceback(bad, tmp_path):
+    with pytest.raises(Exception, match="file not found"):
+        run_main(*_eval(bad, tmp_path, "--debug", csv=bad["dir"] / "nope.csv"))
+
+
+def test_skip_bad_images_drops_and_records_them(bad, tmp_path, capsys):
+    assert run_main(*_eval(bad, tmp_path, "--skip-bad-images", root=bad["broken_root"])) == 0
+    assert "skipping 2 undecodable image(s)" in capsys.readouterr().err
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["skipped_images"]["test"]["count"] == 2
+    metrics = json.loads((tmp_path / "metrics_test.json").read_text())
+    table = pd.read_csv(bad["csv"])
+    assert metrics["n"] == (table["split"] == "test").sum() - 2
+
+
+def test_one_class_split_gives_null_metrics_and_a_warning(bad, tmp_path, capsys):
+    assert run_main(*_eval(bad, tmp_path, csv=bad["oneclass"])) == 0
+    assert "Cardiomegaly has one class only" in capsys.readouterr().err
+    text = (tmp_path / "metrics_test.json").read_text()
+    metrics = json.loads(text)
+    assert metrics["per_class"]["Cardiomegaly"]["auroc"] is None
+    assert metrics["per_class"]["Cardiomegaly"]["f1@0.5"] is None or metrics["per_class"]["Cardiomegaly"]["n_pos"] == 0
+    assert "NaN" not in text
+    defined = [metrics["per_class"][lbl]["auroc"] for lbl in ("Edema", "Effusion")]
+    assert metrics["macro"]["auroc"] == pytest.approx(sum(defined) / 2)
+
+
+# ====== interrupted training ======
+
+def _train_args(demo, out, epochs=3):
+    root, csv = demo
+    return ["train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", epochs, "--pretrained",
+            "none", "--precision", "fp32", "--batch-size", 16, "--num-workers", 0, "--outdir", out]
+
+
+def test_killed_training_resumes_to_the_same_result(demo, tmp_path):
+    """SIGKILL during epoch 2, then --resume: the log and best.pt equal an uninterrupted run's."""
+    full = tmp_path / "full"
+    assert run_main(*_train_args(demo, full)) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, _train_args(demo, killed))],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "last.pt").exists():
+        time.sleep(0.2)
+    time.sleep(0.5)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
+    assert run_main(*_train_args(demo, killed), "--resume") == 0
+    a, b = pd.read_csv(full / "train_log.csv"), pd.read_csv(killed / "train_log.csv")
+    cols = ["epoch", "train_loss", "val_loss", "val_macro_auroc"]
+    pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-5)
+    best_a = torch.load(full / "best.pt", weights_only=True)
+    best_b = torch.load(killed / "best.pt", weights_only=True)
+    assert best_a["epoch"] == best_b["epoch"]
+    for key, value in best_a["model"].items():
+        assert torch.allclose(value.float(), best_b["model"][key].float(), atol=1e-5), key
+
+
+def test_ctrl_c_stops_cleanly_with_one_line(demo, tmp_path):
+    out = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, _train_args(demo, out, epochs=20))],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "last.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert "interrupted" in err.strip().splitlines()[-1]
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= 1
