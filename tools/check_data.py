@@ -236,11 +236,13 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True) -> dict:
+def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True,
+               images: bool = True) -> dict:
     """Run every check; return the report (``problems`` empty when the data are clean).
 
     Raises UserError for usage errors: no readable CSV, no ``image_path`` column, a label
-    without a column, an image folder that does not exist."""
+    without a column, an image folder that does not exist. ``images=False`` skips decoding every
+    file (valtool has already decoded its split once and knows which failed)."""
     start = time.perf_counter()
     labels = list(labels)
     df = read_csv_file(csv)
@@ -268,9 +270,12 @@ def check_data(csv, img_root, labels, num_workers: int | None = None, progress: 
     except UserError as exc:
         problems.append(str(exc))
     workers = num_workers if num_workers else available_cores()
-    images = image_summary(paths, inspect_images(paths, workers, progress))
-    if images["undecodable"]:
-        problems.append(undecodable_problem(images["undecodable"]))
+    if images:
+        images = image_summary(paths, inspect_images(paths, workers, progress))
+        if images["undecodable"]:
+            problems.append(undecodable_problem(images["undecodable"]))
+    else:
+        images = None
     if shared:
         problems.append(patient_problem(shared))
 

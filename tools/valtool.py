@@ -77,7 +77,41 @@ def run_labelled(run) -> dict:
             signals[name] = confidence_from_spread(stats["std"])
     sel = reports.write_selective(_stage(run, "selective"), data, probs, signals, primary="maxprob")
     passes = 1 + len(results) + (args.tta_samples if tta is not None else 0)
-    return _labelled_summary(args, data, ev, summary_table, cal, sel, passes)
+    summary = _labelled_summary(args, data, ev, summary_table, cal, sel, passes)
+    if distributed.is_main():
+        summary["data_checks"] = _data_checks(run, data)
+        summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
+        summary["case_studies"] = _case_studies(run)
+    return summary
+
+
+def _data_checks(run, data) -> dict:
+    """Table-level checks of the whole CSV (labels, duplicates, patients across splits,
+    prevalence); images were already decoded once for the split, so they are not decoded again."""
+    from tools.check_data import check_data
+
+    report = check_data(run.args.csv, run.args.img_root, run.args.labels, progress=False, images=False)
+    report["skipped_images"] = run.skipped
+    write_json(_stage(run, "data_checks").outdir / "data_checks.json", report)
+    for line in report["problems"] + report["warnings"]:
+        log.warning("data check: %s", line)
+    return {k: report[k] for k in ("problems", "warnings", "ok")}
+
+
+def _case_studies(run) -> dict | None:
+    """The case-study panels from eval's predictions (make_case_studies.py's logic)."""
+    from argparse import Namespace
+
+    from make_case_studies import make_case_studies
+
+    args = run.args
+    label = args.case_label or args.labels[-1]
+    if label not in args.labels:
+        raise UserError(f"--case-label {label}: not one of the labels ({' '.join(args.labels)})")
+    case_args = Namespace(**{**vars(args), "outdir": str(run.outdir / "case_studies"), "label": label,
+                             "preds": str(run.outdir / "eval" / f"predictions_{args.split}.csv")})
+    cases = make_case_studies(case_args)["cases"]
+    return {kind: {k: c[k] for k in ("figure", "image_path", "exact", "why_nearest")} for kind, c in cases.items()}
 
 
 def _labelled_summary(args, data, ev, stress_table, cal, sel, passes) -> dict:

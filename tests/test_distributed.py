@@ -1,0 +1,61 @@
+"""Under torchrun (2 CPU processes, gloo) training runs and writes once, and sharded evaluation
+gives the same rows and the same metrics as one process."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, SIZE, run_main
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _torchrun(*argv, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "main.py"), *map(str, argv)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built in")
+def test_torchrun_train_and_sharded_eval_match_one_process(demo, trained, tmp_path):
+    root, csv = demo
+    # ====== training: one small epoch on 2 processes, files written once by rank 0 ======
+    out = tmp_path / "ddp_train"
+    proc = _torchrun("train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", 1,
+                     "--pretrained", "none", "--precision", "fp32", "--batch-size", 8, "--num-workers", 0,
+                     "--outdir", out)
+    assert proc.stderr.count("train done") == 1
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [1] and np.isfinite(log["train_loss"]).all()
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["labels"] == ["Cardiomegaly", "Edema", "Effusion"]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+
+    # ====== eval: sharded over 2 processes vs one process, same checkpoint ======
+    common = ["--csv", csv, "--img-root", root, "--weights", trained / "best.pt", "--precision", "fp32",
+              "--bootstrap", 100, "--group-col", "view", "--num-workers", 0, "--batch-size", 7]
+    _torchrun("eval", *common, "--outdir", tmp_path / "ddp_eval")
+    assert run_main("eval", *common, "--outdir", tmp_path / "one_eval") == 0
+    a = pd.read_csv(tmp_path / "ddp_eval" / "predictions_test.csv")
+    b = pd.read_csv(tmp_path / "one_eval" / "predictions_test.csv")
+    assert list(a["image_path"]) == list(b["image_path"])  # same rows, same order, no padding duplicates
+    logits = [c for c in a.columns if c.endswith("_logit")]
+    assert np.allclose(a[logits], b[logits], atol=1e-5)
+    ma = json.loads((tmp_path / "ddp_eval" / "metrics_test.json").read_text())
+    mb = json.loads((tmp_path / "one_eval" / "metrics_test.json").read_text())
+    assert ma["n"] == mb["n"]
+    for label, block in mb["per_class"].items():
+        for metric in ("auroc", "auprc", "f1@0.5", "sens@95spec"):
+            assert ma["per_class"][label][metric] == pytest.approx(block[metric], abs=1e-9)
+    ga = json.loads((tmp_path / "ddp_eval" / "group_metrics_view.json").read_text())
+    gb = json.loads((tmp_path / "one_eval" / "group_metrics_view.json").read_text())
+    assert ga["groups"].keys() == gb["groups"].keys()
+    shutil.rmtree(tmp_path / "ddp_train")
