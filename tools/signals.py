@@ -11,6 +11,7 @@ from tools.calibration import apply_temperature, fit_temperature
 from tools.data import label_matrix, read_table
 from tools.errors import UserError
 from tools.metrics import sigmoid
+from tools.model import read_checkpoint
 from tools.selective import confidence_from_probs, confidence_from_spread
 
 # signal -> column suffix in predictions_calibrated_<split>.csv
@@ -20,6 +21,8 @@ CSV_COLUMNS = {"maxprob": "prob_uncal", "calibrated": "prob", "mc_std": "mc_std"
 def from_calibrated_csv(run, path, wanted):
     """(data, clean probabilities, {signal: confidence}) from calibrate's CSV."""
     args = run.args
+    if not args.labels and args.weights:
+        args.labels = list(read_checkpoint(args.weights)["labels"])
     if not args.labels:
         raise UserError("--calibrated needs --labels (or --weights to read them from the checkpoint)")
     df = read_table(path, args.labels)
