@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="metrics under noise, blur, JPEG, brightness/contrast at 3 severities")
     st.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
     st.add_argument("--group-col", nargs="+", default=[], help="also write stress_by_<C>.csv per column")
+    st.add_argument("--bootstrap", type=int, default=1000,
+                    help="paired bootstrap resamples for the intervals of each drop (patients when patient_id exists); 0 = off")
 
     cal = sub.add_parser("calibrate", parents=[common], formatter_class=Formatter,
                          help="temperature scaling, ECE, reliability diagrams, MC-Dropout, TTA")

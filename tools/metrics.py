@@ -183,22 +183,37 @@ def metrics_with_ci(y, p, labels, clusters=None, n_boot=1000, seed=0, split=None
     return _attach_ci(metrics, _all_metrics_weighted(y, p, weights), labels)
 
 
-def group_gap(y, p, in_group: np.ndarray, labels, weights: np.ndarray | None) -> dict:
-    """Metric of the group minus metric of the rest, per metric, macro and per class, with 95%
-    intervals from the same resamples (a gap whose interval excludes 0 is not noise)."""
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    ones = np.ones((1, len(y)))
-    point_g = _all_metrics_weighted(y[in_group], p[in_group], ones[:, in_group])
-    point_r = _all_metrics_weighted(y[~in_group], p[~in_group], ones[:, ~in_group])
+def metric_difference(a: tuple, b: tuple, labels, weights: tuple | None) -> dict:
+    """Metrics of ``a`` minus metrics of ``b`` (each a ``(y, p)`` pair), macro and per class, with
+    95% intervals when ``weights`` gives each side's resamples (the same patients drawn on both
+    sides, so the interval is for the difference itself)."""
+    point_a = _all_metrics_weighted(*a, np.ones((1, len(a[0]))))
+    point_b = _all_metrics_weighted(*b, np.ones((1, len(b[0]))))
     if weights is not None:
-        boot_g = _all_metrics_weighted(y[in_group], p[in_group], weights[:, in_group])
-        boot_r = _all_metrics_weighted(y[~in_group], p[~in_group], weights[:, ~in_group])
+        boot_a = _all_metrics_weighted(*a, weights[0])
+        boot_b = _all_metrics_weighted(*b, weights[1])
 
     def block(get):
-        out = {m: float(get(point_g)[m][0] - get(point_r)[m][0]) for m in METRICS}
+        out = {m: float(get(point_a)[m][0] - get(point_b)[m][0]) for m in METRICS}
         if weights is not None:
-            out["ci95"] = {m: _ci(get(boot_g)[m] - get(boot_r)[m]) for m in METRICS}
+            out["ci95"] = {m: _ci(get(boot_a)[m] - get(boot_b)[m]) for m in METRICS}
         return out
 
     return {"macro": block(lambda r: r["macro"]),
             "per_class": {label: block(lambda r, j=j: r["per_class"][j]) for j, label in enumerate(labels)}}
+
+
+def group_gap(y, p, in_group: np.ndarray, labels, weights: np.ndarray | None) -> dict:
+    """Metric of the group minus metric of the rest, per metric, macro and per class, with 95%
+    intervals from the same resamples (a gap whose interval excludes 0 is not noise)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    w = None if weights is None else (weights[:, in_group], weights[:, ~in_group])
+    return metric_difference((y[in_group], p[in_group]), (y[~in_group], p[~in_group]), labels, w)
+
+
+def paired_difference(y, p_new, p_ref, labels, weights: np.ndarray | None) -> dict:
+    """Metric with ``p_new`` minus metric with ``p_ref`` on the same rows (a corrupted pass
+    against the clean one), with a paired bootstrap interval."""
+    y = np.asarray(y, float)
+    w = None if weights is None else (weights, weights)
+    return metric_difference((y, np.asarray(p_new, float)), (y, np.asarray(p_ref, float)), labels, w)

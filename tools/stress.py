@@ -14,7 +14,7 @@ from tabulate import tabulate
 from tools import distributed, pipeline, plots
 from tools.corruptions import PARAM_NAMES, SEVERITIES, apply_corruption, plot_corruption_examples
 from tools.io import write_csv, write_json
-from tools.metrics import METRICS, compute_metrics, sigmoid
+from tools.metrics import METRICS, bootstrap_weights, compute_metrics, paired_difference, sigmoid
 from tools.slicing import group_values
 
 log = logging.getLogger("cxr")
@@ -41,14 +41,20 @@ def corrupted_logits(run, model, data, corruptions) -> dict:
     return out
 
 
-def _row(name, severity, param, metrics, clean, labels) -> dict:
+def _row(name, severity, param, metrics, delta, labels) -> dict:
+    """One stress_summary.csv row; ``delta`` is paired_difference's result (None for clean)."""
     row = {"corruption": name, "severity": severity, "param": param}
     row.update({f"macro_{m}": metrics["macro"][m] for m in METRICS})
-    row["delta_auroc"] = metrics["macro"]["auroc"] - clean["macro"]["auroc"]
-    row["delta_auprc"] = metrics["macro"]["auprc"] - clean["macro"]["auprc"]
+    row["delta_auroc"] = delta["macro"]["auroc"] if delta else 0.0
+    row["delta_auprc"] = delta["macro"]["auprc"] if delta else 0.0
     row.update({f"auroc_{lbl}": metrics["per_class"][lbl]["auroc"] for lbl in labels})
-    row.update({f"delta_auroc_{lbl}": metrics["per_class"][lbl]["auroc"] - clean["per_class"][lbl]["auroc"]
-                for lbl in labels})
+    for lbl in labels:
+        block = delta["per_class"][lbl] if delta else {"auroc": 0.0}
+        ci = (block.get("ci95") or {}).get("auroc") or [None, None]
+        row.update({f"delta_auroc_{lbl}": block["auroc"], f"delta_auroc_{lbl}_lo": ci[0],
+                    f"delta_auroc_{lbl}_hi": ci[1]})
+    ci = ((delta or {}).get("macro", {}).get("ci95") or {}).get("auroc") or [None, None]
+    row.update({"delta_auroc_lo": ci[0], "delta_auroc_hi": ci[1]})
     return row
 
 
@@ -59,15 +65,22 @@ def write_stress(run, data, clean_logits, results: dict) -> pd.DataFrame:
     if not distributed.is_main():
         return pd.DataFrame()
     split = data.name or "all"
-    clean = compute_metrics(data.y, sigmoid(clean_logits), labels, split)
+    clean_probs = sigmoid(clean_logits)
+    clean = compute_metrics(data.y, clean_probs, labels, split)
     write_json(run.outdir / "clean_metrics.json", clean)
-    rows = [_row("clean", 0, None, clean, clean, labels)]
+    # Paired patient bootstrap: the same resamples for the clean and corrupted pass, so each drop
+    # gets an interval and a drop within noise is not reported as a failure.
+    n_boot = getattr(args, "bootstrap", 1000)
+    weights = bootstrap_weights(data.clusters, n_boot, args.seed) if n_boot > 0 else None
+    rows = [_row("clean", 0, None, clean, None, labels)]
     for (name, severity), logits in results.items():
-        metrics = compute_metrics(data.y, sigmoid(logits), labels, split)
+        probs = sigmoid(logits)
+        metrics = compute_metrics(data.y, probs, labels, split)
+        delta = paired_difference(data.y, probs, clean_probs, labels, weights)
         metrics.update(corruption=name, severity=severity, param=SEVERITIES[name][severity - 1],
-                       param_name=PARAM_NAMES[name])
+                       param_name=PARAM_NAMES[name], delta_to_clean=delta)
         write_json(run.outdir / f"{name}_sev{severity}.json", metrics)
-        rows.append(_row(name, severity, SEVERITIES[name][severity - 1], metrics, clean, labels))
+        rows.append(_row(name, severity, SEVERITIES[name][severity - 1], metrics, delta, labels))
     summary = pd.DataFrame(rows)
     write_csv(run.outdir / "stress_summary.csv", summary)
     for metric in ("auroc", "auprc"):

@@ -123,10 +123,13 @@ def _labelled_summary(args, data, ev, stress_table, cal, sel, passes) -> dict:
                              f["gap"], f["ci95"]))
     for _, r in stress_table[stress_table["corruption"] != "clean"].iterrows():
         for lbl in args.labels:
-            d = r[f"delta_auroc_{lbl}"]
-            if pd.notna(d) and d <= -0.05:
+            d, hi = r[f"delta_auroc_{lbl}"], r[f"delta_auroc_{lbl}_hi"]
+            # a drop of at least 0.02 whose paired interval lies below 0 (or, without intervals, 0.05)
+            real = (pd.notna(hi) and hi < 0) if args.bootstrap > 0 else True
+            if pd.notna(d) and d <= (-0.02 if args.bootstrap > 0 else -0.05) and real:
+                ci = [r[f"delta_auroc_{lbl}_lo"], hi] if args.bootstrap > 0 else None
                 flagged.append(_flag("corruption", f"{r['corruption']} severity {int(r['severity'])} "
-                                     f"({r['param']}): {lbl} AUROC {d:+.3f}", float(d)))
+                                     f"({r['param']}): {lbl} AUROC {d:+.3f}", float(d), ci))
     if cal["ece_before"] is not None and cal["ece_before"] > 0.05:
         flagged.append(_flag("calibration", f"ECE {cal['ece_before']:.3f} before temperature scaling"
                              + (f", {cal['ece_after']:.3f} after" if cal["fitted_on"] else " (not fitted: no val split)"),
