@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from tools.errors import RunError, UserError
+from tools.cli import guarded
 
 log = logging.getLogger("cxr")
 
@@ -226,25 +226,13 @@ def main(argv=None) -> int:
                         stream=sys.stderr, force=True)
     start = time.perf_counter()
     try:
-        COMMANDS[args.command](args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"main.py {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RunError as exc:
-        if args.debug:
-            raise
-        print(f"main.py {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"main.py {args.command}: interrupted; files already written under {args.outdir} are complete",
-              file=sys.stderr)
-        return 130
+        status = guarded(f"main.py {args.command}", COMMANDS[args.command], args, args.outdir)
     finally:
         from tools import distributed
 
         distributed.shutdown()
+    if status:
+        return status
     log.info("%s done in %.1f s -> %s", args.command, time.perf_counter() - start, args.outdir)
     return 0
 

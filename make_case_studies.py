@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tools.cli import guarded
 from tools.errors import UserError
 
 PROG = "make_case_studies.py"
@@ -350,14 +351,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.outdir is None:
         args.outdir = "outputs/case_studies"
-    try:
-        make_case_studies(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(PROG, make_case_studies, args, args.outdir)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,16 @@ import argparse
 import fnmatch
 import os
 import sys
-import tempfile
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from tools.cli import guarded
 from tools.errors import UserError
+from tools.io import write_csv
 
 PROG = "make_cxr14_csv.py"
 
@@ -325,21 +327,6 @@ def count_table(table: pd.DataFrame, labels: list[str]) -> str:
     return tabulate(rows, headers=["split", "images", "patients", *labels], tablefmt="github")
 
 
-def write_csv_atomic(table: pd.DataFrame, path: str) -> None:
-    """Write `table` to `path` via a temporary file in the same folder and `os.replace`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as stream:
-            table.to_csv(stream, index=False)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 # ====== command line ======
 
 
@@ -369,15 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        table = build_table(args.hf_root, args.labels, seed=args.seed, val_frac=args.val_frac)
-        print(count_table(table, args.labels))
-        write_csv_atomic(table, args.out)
-    except UserError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    return guarded(PROG, run, args)
+
+
+def run(args) -> None:
+    table = build_table(args.hf_root, args.labels, seed=args.seed, val_frac=args.val_frac)
+    print(count_table(table, args.labels))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_csv(args.out, table)
     print(f"wrote {args.out} ({len(table)} rows)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tools.cli import guarded
 from tools.errors import UserError
 
 PROG = "run_evidence.py"
@@ -561,14 +562,7 @@ def main(argv=None) -> int:
     if args.outdir is None:
         args.outdir = "outputs/taxonomy_evidence"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
-    try:
-        run_evidence(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(PROG, run_evidence, args, args.outdir)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def start_run(args) -> Run:
     """Output folder, seed, device (one per torchrun rank), precision, and config.json first."""
     if getattr(args, "image_size", None) is not None and args.image_size < 32:
         raise UserError(f"--image-size {args.image_size}: must be at least 32 (DenseNet-121 downsamples 32x)")
-    outdir = prepare_outdir(args.outdir) if distributed.is_main() or not distributed.launched_by_torchrun() else Path(args.outdir)
+    prepare_outdir(args.outdir)  # every rank: each may write there, and mkdir races are harmless
     device = resolve_device(distributed.init(args.device))
     seed_everything(args.seed)
     run = Run(args, Path(args.outdir), device, resolve_precision(getattr(args, "precision", "fp32"), device))

@@ -82,7 +82,7 @@ def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict
     from tools.calibration import apply_temperature, calibration_report, plot_reliability
     from tools.uncertainty import public
 
-    args, labels, y = run.args, run.args.labels, data.y
+    labels, y = run.args.labels, data.y
     split = data.name or "all"
     uncal, cal = sigmoid(logits), sigmoid(apply_temperature(logits, temperature))
     before, after = calibration_report(uncal, y, labels), calibration_report(cal, y, labels)
