@@ -1,0 +1,272 @@
+"""tools/make_demo_data.py: the demo table's contract, determinism, and the planted failure modes
+measured on rendered pixels (small images, so the whole file runs in seconds)."""
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from tools.errors import UserError
+from tools.make_demo_data import (
+    CSV_COLUMNS,
+    LABELS,
+    PARAMS,
+    image_generators,
+    main,
+    make_demo_dataset,
+    render_phantom,
+    sample_cases,
+    sample_phantom,
+    to_uint8,
+)
+
+N, SIZE, SEED = 60, 128, 0
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    """One generated data set shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("demo")
+    csv = make_demo_dataset(out, n=N, seed=SEED, size=SIZE)
+    return out, pd.read_csv(csv, dtype={"num_findings_bin": str})
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_gray(path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+def high_pass(image: np.ndarray) -> np.ndarray:
+    """Image minus its Gaussian blur (sigma 1 px): fine detail such as 1-2 px lines and noise."""
+    f = image.astype(np.float32)
+    return f - cv2.GaussianBlur(f, (0, 0), 1.0)
+
+
+def lung_boxes(image: np.ndarray) -> np.ndarray:
+    """Pixels of two boxes inside the lung fields (upper/mid zones, lateral to the hila)."""
+    s = image.shape[0]
+    rows = slice(int(0.30 * s), int(0.55 * s))
+    return np.concatenate([image[rows, int(0.18 * s):int(0.36 * s)].ravel(),
+                           image[rows, int(0.64 * s):int(0.82 * s)].ravel()])
+
+
+def silhouette_columns(with_part: np.ndarray, without_part: np.ndarray, level: int = 8) -> np.ndarray:
+    """Columns where removing a structure changes some pixel by more than ``level`` gray levels."""
+    changed = np.abs(with_part.astype(int) - without_part.astype(int)) > level
+    return np.flatnonzero(changed.any(axis=0))
+
+
+def render(phantom: dict, **changes) -> np.ndarray:
+    return to_uint8(render_phantom(dict(phantom, **changes), SIZE)).astype(np.float32)
+
+
+# ====== contract ======
+
+def test_csv_schema_and_value_domains(demo_set):
+    out, df = demo_set
+    assert LABELS == ["Cardiomegaly", "Edema", "Effusion"]
+    assert list(df.columns) == CSV_COLUMNS == [
+        "image_path", "split", "Cardiomegaly", "Edema", "Effusion", "view", "sex", "age", "site",
+        "patient_id", "follow_up", "num_findings", "num_findings_bin"]
+    assert len(df) == N
+    for label in LABELS:
+        assert df[label].dtype.kind == "i" and set(df[label]) <= {0, 1}
+    assert set(df["view"]) <= {"PA", "AP"} and set(df["sex"]) <= {"M", "F"}
+    assert set(df["site"]) <= {"A", "B", "C"} and set(df["split"]) <= {"train", "val", "test"}
+    assert df["age"].dtype.kind == "i" and df["age"].between(20, 90).all()
+    assert (df["num_findings"] == df[LABELS].sum(axis=1)).all()
+    expected_bin = df["num_findings"].map(lambda c: "2+" if c >= 2 else str(c))
+    assert (df["num_findings_bin"] == expected_bin).all()
+    expected_path = [f"images/p{p:05d}_f{f}.png" for p, f in zip(df["patient_id"], df["follow_up"])]
+    assert df["image_path"].tolist() == expected_path
+
+
+def test_images_are_8bit_grayscale_of_the_requested_size(demo_set):
+    out, df = demo_set
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(p).name for p in df["image_path"])
+    for path in df["image_path"]:
+        image = read_gray(out / path)
+        assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE)
+        assert image.std() > 20          # a film, not a blank
+
+
+def test_follow_ups_are_numbered_per_patient(demo_set):
+    _, df = demo_set
+    for _, group in df.groupby("patient_id"):
+        assert group["follow_up"].tolist() == list(range(len(group)))
+        assert len(group) <= 4
+        # patient-level attributes never change between follow-ups
+        assert group[["sex", "age", "site", "Cardiomegaly", "split"]].nunique().max() == 1
+
+
+def test_splits_are_grouped_by_patient_and_near_70_10_20():
+    df = sample_cases(2000, seed=1)
+    assert (df.groupby("patient_id")["split"].nunique() == 1).all()
+    fractions = df["split"].value_counts(normalize=True)
+    assert fractions["train"] == pytest.approx(0.7, abs=0.03)
+    assert fractions["val"] == pytest.approx(0.1, abs=0.03)
+    assert fractions["test"] == pytest.approx(0.2, abs=0.03)
+    assert df["patient_id"].nunique() < len(df)          # some patients have follow-ups
+    assert df["follow_up"].max() == 3
+
+
+def test_labels_and_views_co_occur_like_a_sick_population():
+    df = sample_cases(4000, seed=2)
+    edema = df["Edema"] == 1
+    assert df["Effusion"][edema].mean() > df["Effusion"][~edema].mean() + 0.15
+    assert df["Cardiomegaly"][edema].mean() > df["Cardiomegaly"][~edema].mean() + 0.10
+    ap = df["view"] == "AP"
+    assert 0.28 <= ap.mean() <= 0.40
+    assert ap[edema].mean() > ap[~edema].mean() + 0.15
+    for label in LABELS:
+        assert 0.10 <= df[label].mean() <= 0.35
+    # the label is the true anatomical CTR, whatever the view
+    assert ((df["true_ctr"] > 0.5) == (df["Cardiomegaly"] == 1)).all()
+    normal = df.loc[df["Cardiomegaly"] == 0, "true_ctr"]
+    assert normal.between(0.38, 0.49).all() and normal.mean() == pytest.approx(0.44, abs=0.01)
+    assert (df.loc[df["Cardiomegaly"] == 1, "true_ctr"] >= 0.52).all()
+
+
+def test_bad_arguments_raise_user_errors(tmp_path):
+    with pytest.raises(UserError, match="--n"):
+        make_demo_dataset(tmp_path, n=0)
+    with pytest.raises(UserError, match="--size"):
+        make_demo_dataset(tmp_path, n=2, size=8)
+    with pytest.raises(UserError, match="--workers"):
+        make_demo_dataset(tmp_path, n=2, workers=0)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="--out"):
+        make_demo_dataset(blocker, n=2, size=32)
+
+
+def test_cli_writes_the_data_set(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "d"), "--n", "3", "--seed", "5", "--size", "64"]) == 0
+    df = pd.read_csv(tmp_path / "d" / "demo.csv")
+    assert len(df) == 3 and read_gray(tmp_path / "d" / df["image_path"][0]).shape == (64, 64)
+    assert "wrote 3 images" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path / "e"), "--n", "0"]) == 2
+
+
+# ====== determinism ======
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(demo_set, tmp_path):
+    """The repeat run renders in two processes: parallelism must not change a byte."""
+    out, _ = demo_set
+    make_demo_dataset(tmp_path / "again", n=N, seed=SEED, size=SIZE, workers=2)
+    assert folder_bytes(tmp_path / "again") == folder_bytes(out)
+    make_demo_dataset(tmp_path / "other", n=N, seed=SEED + 1, size=SIZE)
+    other = folder_bytes(tmp_path / "other")
+    assert other["demo.csv"] != folder_bytes(out)["demo.csv"]
+    assert other["images/p00000_f0.png"] != (out / "images/p00000_f0.png").read_bytes()
+
+
+def test_each_image_depends_only_on_seed_and_row(demo_set):
+    """Rendering in reverse order, one generator per row, reproduces the written pixels."""
+    out, _ = demo_set
+    cases = sample_cases(N, SEED).to_dict("records")
+    generators = image_generators(N, SEED)
+    for i in reversed(range(0, N, 7)):
+        pixels = to_uint8(render_phantom(sample_phantom(cases[i], generators[i]), SIZE))
+        np.testing.assert_array_equal(pixels, read_gray(out / cases[i]["image_path"]))
+
+
+# ====== planted mechanisms, measured on pixels ======
+
+def test_ap_films_magnify_the_heart_for_the_same_true_ctr(demo_set):
+    """Failure mode 1. The heart silhouette (columns that change when the heart is removed from
+    the same phantom) of label-negative AP films is ~15-20 % wider than on PA films relative to
+    the true CTR, so AP normals look enlarged (apparent CTR > 0.5) while PA normals do not."""
+    out, _ = demo_set
+    cases = sample_cases(N, SEED).to_dict("records")
+    generators = image_generators(N, SEED)
+    stats = {"AP": [], "PA": []}
+    for i, case in enumerate(cases):
+        if case["Cardiomegaly"]:
+            continue
+        phantom = sample_phantom(case, generators[i])
+        film = read_gray(out / case["image_path"])
+        cols = silhouette_columns(film, to_uint8(render_phantom(dict(phantom, true_ctr=0.0), SIZE)))
+        width = cols.max() - cols.min() + 1
+        thorax = 2 * phantom["anatomy"]["half_thorax"] * phantom["pose"]["scale"] * SIZE
+        assert cols.mean() > SIZE / 2              # the heart lies mostly on the image right
+        stats[case["view"]].append((width, width / thorax, width / (thorax * case["true_ctr"]), case["true_ctr"]))
+    ap, pa = np.array(stats["AP"]), np.array(stats["PA"])
+    assert len(ap) >= 8 and len(pa) >= 20
+    assert ap[:, 3].mean() == pytest.approx(pa[:, 3].mean(), abs=0.02)    # same true CTRs
+    low, high = PARAMS["ap_heart_magnification"]
+    assert low - 0.04 <= ap[:, 2].mean() / pa[:, 2].mean() <= high + 0.04
+    assert ap[:, 0].mean() > 1.1 * pa[:, 0].mean()
+    assert ap[:, 1].mean() > 0.5 > pa[:, 1].mean()
+
+
+@pytest.fixture(scope="module")
+def edema_cases():
+    cases = sample_cases(300, seed=4)
+    generators = image_generators(len(cases), 4)
+    rows = cases.to_dict("records")
+    return [(row, sample_phantom(row, generators[i])) for i, row in enumerate(rows) if row["Edema"]]
+
+
+def test_site_c_films_of_edema_have_less_fine_detail_in_the_lungs(edema_cases):
+    """Failure mode 2, as a data set property: high-frequency energy in the lung fields of
+    Edema-positive films is much lower at site C than at sites A and B."""
+    energy = {"A": [], "B": [], "C": []}
+    for row, phantom in edema_cases:
+        energy[row["site"]].append(np.mean(lung_boxes(high_pass(render(phantom))) ** 2))
+    assert min(len(v) for v in energy.values()) >= 5
+    assert np.mean(energy["C"]) < 0.25 * min(np.mean(energy["A"]), np.mean(energy["B"]))
+
+
+def test_site_c_erases_the_interstitial_lines_but_keeps_the_faint_haze(edema_cases):
+    """Failure mode 2, as a mechanism: the same Edema phantoms shown at each site. What Edema adds
+    in fine detail (high-pass energy of with-minus-without) nearly vanishes at site C; the haze it
+    adds (mean brightening of the lungs) survives at C; the haze alone is faint next to the lines."""
+    added_detail, added_haze, haze_peak, lines_peak = {}, {}, [], []
+    for site in ("A", "B", "C"):
+        detail, haze = [], []
+        for _, phantom in edema_cases[:12]:
+            on = render(phantom, site=site)
+            off = render(phantom, site=site, edema=None)
+            detail.append(np.mean(high_pass(on - off) ** 2))
+            haze.append(np.mean(lung_boxes(on - off)))
+            if site == "A":
+                haze_only = render(phantom, site=site, edema=dict(phantom["edema"], lines=np.zeros((0, 6))))
+                haze_peak.append(np.abs(haze_only - off).max())
+                lines_peak.append(np.abs(on - off).max())
+        added_detail[site], added_haze[site] = np.mean(detail), np.mean(haze)
+    assert added_detail["C"] < 0.15 * min(added_detail["A"], added_detail["B"])
+    assert added_haze["C"] > 0.5 * added_haze["A"] > 0
+    assert np.mean(haze_peak) < 0.5 * np.mean(lines_peak)
+
+
+def test_edema_is_bilateral(edema_cases):
+    for _, phantom in edema_cases[:6]:
+        change = np.abs(render(phantom) - render(phantom, edema=None))
+        left, right = change[:, :SIZE // 2].sum(), change[:, SIZE // 2:].sum()
+        assert min(left, right) > 0.3 * (left + right)
+
+
+def test_effusion_opacifies_the_base_on_its_side():
+    """Fluid sits in the costophrenic recess: removing it changes the lower chest on the labelled
+    side (side -1 = patient right = image left), not the upper lung or the other side."""
+    cases = sample_cases(200, seed=6)
+    generators = image_generators(len(cases), 6)
+    checked = 0
+    for i, row in enumerate(cases.to_dict("records")):
+        if not row["Effusion"] or row["site"] == "C":
+            continue
+        phantom = sample_phantom(row, generators[i])
+        if len(phantom["effusions"]) != 1:
+            continue
+        change = np.abs(render(phantom) - render(phantom, effusions=[]))
+        side = phantom["effusions"][0]["side"]
+        own = change[:, :SIZE // 2] if side < 0 else change[:, SIZE // 2:]
+        assert own.sum() > 0.95 * change.sum()
+        assert own[int(0.55 * SIZE):].sum() > 0.9 * own.sum()
+        checked += 1
+    assert checked >= 5
