@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Chest X-ray failure-analysis suite: train / eval / stress / calibrate / selective / valtool.
 
-Research and education only; not for clinical use. Contracts (flags, files, keys): SPEC.md.
+Research and education only; not for clinical use. Flags, files and keys: README.md.
 """
 from __future__ import annotations
 
@@ -17,7 +17,17 @@ from tools.cli import guarded
 
 log = logging.getLogger("cxr")
 
-Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already explains a default that depends on context."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 # Kept in step with tools.corruptions.SEVERITIES (a test checks), so --help needs no heavy imports.
 CORRUPTION_NAMES = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast")
 
@@ -46,11 +56,13 @@ def common_parser() -> argparse.ArgumentParser:
     run.add_argument("--outdir", default=None, help="output folder (default outputs/<command>)")
     run.add_argument("--batch-size", type=int, default=None,
                      help="batch size per process (train: 16; inference: 64)")
-    run.add_argument("--num-workers", type=int, default=None, help="loader processes (default: spare cores, at most 8)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="loader processes (default: spare cores, at most 8, to decode; none for passes over "
+                          "decoded pixels on the CPU)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
     run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
-    run.add_argument("--seed", type=int, default=1337)
+    run.add_argument("--seed", type=int, default=1337, help="seeds training, bootstrap, corruptions, MC and TTA draws")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parent
 
