@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tools.data import CXRDataset
+from tools.engine import worker_init
 from tools.errors import UserError
 
 
@@ -77,6 +78,7 @@ def _decode_all(paths, image_size: int, out: np.ndarray, num_workers: int, progr
 
     loader = torch.utils.data.DataLoader(
         _Safe(paths, None, image_size), batch_size=32, num_workers=num_workers, shuffle=False,
+        worker_init_fn=worker_init,
     )
     for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress, leave=False):
         index = batch["index"].numpy()
