@@ -62,6 +62,8 @@ def common_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
     run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the backbone (long GPU runs; compiling costs time up front)")
     run.add_argument("--seed", type=int, default=1337, help="seeds training, bootstrap, corruptions, MC and TTA draws")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parent

@@ -3,6 +3,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
@@ -191,3 +192,20 @@ def test_group_gap_point_value_is_group_minus_rest(tied_data):
     assert with_ci["macro"]["auroc"] == pytest.approx(gap["macro"]["auroc"])
     lo, hi = with_ci["macro"]["ci95"]["auroc"]
     assert lo <= with_ci["macro"]["auroc"] <= hi
+
+
+def test_significant_failures_skip_groups_where_a_label_has_one_class():
+    from tools.slicing import group_metrics, significant_failures
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, (n, 2)).astype(float)
+    group = np.where(rng.random(n) < 0.3, "none", "some")
+    y[group == "none"] = 0  # the group is defined by having no positives
+    p = np.clip(y * 0.5 + rng.random((n, 2)) * 0.7, 0, 1)
+    p[(group == "some") & (y[:, 1] == 1), 1] -= 0.4  # label b: weak in "some", so "some" truly fails there
+    df = pd.DataFrame({"g": group})
+    result = group_metrics(df, y, p, ["a", "b"], "g", np.arange(n), n_boot=300, seed=1)
+    found = significant_failures(result, ["a", "b"])
+    assert all(f["group"] != "none" for f in found)  # F1 = 0 with no positives is not a failure
+    assert result["groups"]["none"]["per_class"]["a"]["f1@0.5"] == 0.0

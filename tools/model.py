@@ -79,6 +79,15 @@ def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(F.relu(model.features(x)), 1), 1)
 
 
+def load_weights(model: nn.Module, state: dict) -> None:
+    """Load plain-named weights, also into a model whose backbone was compiled."""
+    target = unwrap(model)
+    if hasattr(target.features, "_orig_mod"):
+        state = {("features._orig_mod." + k[len("features."):]) if k.startswith("features.") else k: v
+                 for k, v in state.items()}
+    target.load_state_dict(state)
+
+
 def head(model: nn.Module) -> nn.Sequential:
     return unwrap(model).classifier
 
@@ -87,7 +96,8 @@ def head(model: nn.Module) -> nn.Sequential:
 
 def checkpoint_dict(model, labels, image_size, dropout, epoch, val_macro_auroc, **extra) -> dict:
     """A plain dict (tensors, numbers, strings): loadable with ``weights_only=True``."""
-    state = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    # a compiled backbone names its parameters "features._orig_mod.*": store the plain names
+    state = {k.replace("._orig_mod", ""): v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     ckpt = {"model": state, "labels": list(labels), "image_size": int(image_size), "arch": ARCH,
             "dropout": float(dropout), "epoch": int(epoch),
             "val_macro_auroc": None if val_macro_auroc is None else float(val_macro_auroc)}

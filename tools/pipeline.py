@@ -80,7 +80,7 @@ def load_checkpoint_model(run: Run):
     args.labels = list(ckpt["labels"])
     args.image_size = int(ckpt["image_size"])
     run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch", "val_macro_auroc")})
-    return prepare_model(model, run.device), ckpt
+    return prepare_model(model, run.device, compile=getattr(args, "compile", False)), ckpt
 
 
 @dataclass

@@ -70,13 +70,19 @@ def group_table(result: dict, labels) -> pd.DataFrame:
 
 def significant_failures(result: dict, labels, metrics=("auroc", "sens@95spec", "f1@0.5")) -> list[dict]:
     """Groups doing worse than the rest with a 95% interval of the gap entirely below 0,
-    largest gap first: the slices a failure analysis must report."""
+    largest gap first: the slices a failure analysis must report. Labels with one class only in
+    the group (and then the macro average) are not compared."""
     found = []
     for value, block in result["groups"].items():
         gap = block.get("gap_to_rest")
         if not gap:
             continue
-        for name in ["macro", *labels]:
+        # A group where a label has one class only (e.g. num_findings = 0 has no positives) scores
+        # F1 = 0 by construction: that is the definition of the group, not a failure of the model.
+        one_class = {lbl for lbl in labels
+                     if block["per_class"][lbl]["n_pos"] in (0, block["per_class"][lbl]["n"])}
+        names = [lbl for lbl in labels if lbl not in one_class] + ([] if one_class else ["macro"])
+        for name in names:
             g = gap["macro"] if name == "macro" else gap["per_class"][name]
             for m in metrics:
                 ci = (g.get("ci95") or {}).get(m)

@@ -14,7 +14,7 @@ from tools.engine import make_loader, masked_bce, pos_weights, prepare_model, tr
 from tools.errors import UserError
 from tools.io import save_torch, write_csv
 from tools.metrics import compute_metrics, sigmoid
-from tools.model import build_model, checkpoint_dict, read_checkpoint
+from tools.model import build_model, checkpoint_dict, load_weights, read_checkpoint
 
 log = logging.getLogger("cxr")
 
@@ -49,7 +49,7 @@ def _resume_state(run, model, optimizer, scheduler) -> tuple[int, float, list]:
     if list(ckpt["labels"]) != list(args.labels) or int(ckpt["image_size"]) != args.image_size:
         raise UserError(f"--resume: {path} was trained with labels {' '.join(ckpt['labels'])} at "
                         f"{ckpt['image_size']} px; pass the same --labels and --image-size")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     if "rng_state" in ckpt:
@@ -73,7 +73,8 @@ def train(args) -> None:
     pos_weight = pos_weights(train_data.y)
 
     # ====== model and optimiser ======
-    model = prepare_model(build_model(len(args.labels), args.dropout, args.pretrained), run.device)
+    model = prepare_model(build_model(len(args.labels), args.dropout, args.pretrained), run.device,
+                          compile=args.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.epochs))
     start_epoch, best, rows = 1, -math.inf, []
