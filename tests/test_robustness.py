@@ -109,6 +109,7 @@ def test_user_mistake_gives_one_line_and_exit_2(case, bad, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     last = err.strip().splitlines()[-1]
+    print(f"\nmatrix | {case} | {last}")  # pytest -s shows the user-facing message of each case
     assert last.startswith("main.py ") and ": error: " in last
     for text in expected:
         assert text in last, (text, last)
