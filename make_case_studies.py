@@ -304,12 +304,19 @@ def case_record(pick: Pick, row, panels, args, figure: str) -> dict:
 
 def make_case_studies(args) -> dict:
     from tools import pipeline
-    from tools.io import write_json
 
     # ====== run set-up and model ======
     args.command = PROG
     run = pipeline.start_run(args)
     model, _ = pipeline.load_checkpoint_model(run)
+    return case_studies(run, model, args)
+
+
+def case_studies(run, model, args) -> dict:
+    """Choose, run and draw the three cases into ``run.outdir`` (valtool calls this with its
+    already-loaded model)."""
+    from tools.io import write_json
+
     if args.label not in args.labels:
         raise UserError(f"--label {args.label}: not one of the checkpoint's labels ({' '.join(args.labels)})")
     df = read_predictions(args.preds, args.labels, args.label)

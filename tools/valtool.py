@@ -77,11 +77,12 @@ def run_labelled(run) -> dict:
             signals[name] = confidence_from_spread(stats["std"])
     sel = reports.write_selective(_stage(run, "selective"), data, probs, signals, primary="maxprob")
     passes = 1 + len(results) + (args.tta_samples if tta is not None else 0)
+    if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
+        return {}
     summary = _labelled_summary(args, data, ev, summary_table, cal, sel, passes)
-    if distributed.is_main():
-        summary["data_checks"] = _data_checks(run, data)
-        summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
-        summary["case_studies"] = _case_studies(run)
+    summary["data_checks"] = _data_checks(run, data)
+    summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
+    summary["case_studies"] = _case_studies(run, model)
     return summary
 
 
@@ -98,11 +99,11 @@ def _data_checks(run, data) -> dict:
     return {k: report[k] for k in ("problems", "warnings", "ok")}
 
 
-def _case_studies(run) -> dict | None:
+def _case_studies(run, model) -> dict | None:
     """The case-study panels from eval's predictions (make_case_studies.py's logic)."""
     from argparse import Namespace
 
-    from make_case_studies import make_case_studies
+    from make_case_studies import case_studies
 
     args = run.args
     label = args.case_label or args.labels[-1]
@@ -110,7 +111,7 @@ def _case_studies(run) -> dict | None:
         raise UserError(f"--case-label {label}: not one of the labels ({' '.join(args.labels)})")
     case_args = Namespace(**{**vars(args), "outdir": str(run.outdir / "case_studies"), "label": label,
                              "preds": str(run.outdir / "eval" / f"predictions_{args.split}.csv")})
-    cases = make_case_studies(case_args)["cases"]
+    cases = case_studies(_stage(run, "case_studies"), model, case_args)["cases"]
     return {kind: {k: c[k] for k in ("figure", "image_path", "exact", "why_nearest")} for kind, c in cases.items()}
 
 
