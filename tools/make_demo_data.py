@@ -92,12 +92,12 @@ PARAMS = {
     "follow_up_probs": (0.72, 0.14, 0.09, 0.05),
     "age_beta": (2.5, 1.8),                 # age = 20 + 70 * Beta(a, b), mean ~61
     "p_female": 0.5,
-    "site_probs": (0.36, 0.34, 0.30),
+    "site_probs": (0.32, 0.30, 0.38),
     "heart_failure_logit": (-1.6, 0.04),    # P(HF) = sigmoid(a + b * (age - 60)), per patient
     "p_cardiomegaly": (0.10, 0.60),         # per patient: base, + if heart failure
-    "p_edema": (0.07, 0.50),                # per image: base, + if heart failure
-    "p_effusion": (0.09, 0.30, 0.30),       # per image: base, + heart failure, + Edema
-    "p_ap": (0.18, 0.30, 0.15, 0.10, 0.12),  # base, + Edema, + Effusion, + age >= 75, + follow-up
+    "p_edema": (0.20, 0.45),                # per image: base, + if heart failure
+    "p_effusion": (0.09, 0.30, 0.22),       # per image: base, + heart failure, + Edema
+    "p_ap": (0.18, 0.25, 0.15, 0.10, 0.12),  # base, + Edema, + Effusion, + age >= 75, + follow-up
     "split_fractions": (0.7, 0.1, 0.2),
     # ---- heart ----
     "ctr_normal": (0.44, 0.025, 0.38, 0.485),   # mean, sd, clip low, clip high
@@ -108,14 +108,15 @@ PARAMS = {
     "effusion_bilateral": (0.30, 0.30),     # P(bilateral): base, + if heart failure
     "effusion_size_beta": (1.2, 2.2),       # size in (0, 1): 0 = blunted angle, 1 = a third of the lung
     "edema_severity": (0.6, 1.0),           # uniform range
-    "edema_haze": 0.04,                     # perihilar haze peak at severity 1 (subtle on purpose)
+    "edema_haze": 0.02,                     # perihilar haze peak at severity 1 (subtle on purpose)
     "perihilar_density": (0.0, 0.05),       # every film: normal variation of the same shape as the haze
     "lateral_basal_density": (0.0, 0.04),   # every film: chest-wall soft tissue over the lateral bases,
                                             # where smoothed-out Kerley lines would leave their mean
-    "kerley_b_per_side": 6,                 # at severity 1 (fewer if the base is short)
-    "kerley_b_spacing": (0.042, 0.06),      # vertical gap between neighbouring lines, image widths
+    "kerley_b_per_side": 8,                 # at severity 1 (fewer if the base is short)
+    "kerley_b_spacing": (0.032, 0.05),      # vertical gap between neighbouring lines, image widths
     "kerley_a_per_side": (2, 3),
-    "kerley_amplitude": (0.10, 0.15),
+    "kerley_amplitude": (0.16, 0.24),
+    "kerley_b_length": (0.03, 0.055),       # image widths (4-7 px at 128)
     "kerley_width": 1.0 / 128,              # line thickness, image widths (2 px at 256)
     # ---- bones and soft tissue ----
     "attenuation": {"soft": 1.0, "lung_air": 0.58, "heart": 0.17, "mediastinum": 0.14,
@@ -312,7 +313,7 @@ def _edema_draw(rng, anatomy: dict, inspiration: float) -> dict:
         ys = 0.50 + inspiration + rng.uniform(0.0, 0.04) + np.cumsum(gaps)
         ys = ys[ys < y_cp - 0.035][: max(2, int(round(severity * p["kerley_b_per_side"])))]
         u0 = lung_lateral(ys, anatomy, inspiration) - rng.uniform(0.008, 0.014, len(ys))
-        length = rng.uniform(0.018, 0.04, len(ys))
+        length = rng.uniform(*p["kerley_b_length"], len(ys))
         tilt = rng.uniform(-0.004, 0.004, len(ys))
         amp = rng.uniform(*p["kerley_amplitude"], len(ys))
         for y, u, ln, t, a in zip(ys, u0, length, tilt, amp):
