@@ -299,7 +299,8 @@ def headline_section(summary: dict) -> Html:
         classes.append("macro")
     header = ["label", "n / positives", *[f"{METRIC_NAMES[k]} [95% CI]" for k in METRICS]]
     text = ("Point estimate and 95% bootstrap confidence interval, resampling patients (images when "
-            "there is no patient_id). F1@0.5 thresholds the probability at 0.5; sens@95spec is the best sensitivity at specificity at least 0.95. "
+            "there is no patient_id). F1@0.5 thresholds the probability at 0.5; sens@95spec is the "
+            "best sensitivity at specificity at least 0.95. "
             "Macro is the mean over labels where the metric is defined.")
     return section("Headline metrics", [note(text), Html(table(header, rows, classes))], "headline")
 
