@@ -1,0 +1,172 @@
+"""The benchmark's smoke run: every item measured, its timings finite and positive, the JSON
+readable, and the one exact number (model passes of valtool over the test split) right."""
+import json
+import math
+
+import pytest
+
+from tools import bench
+from tools.errors import UserError
+
+ITEMS = ("predict", "data_wait", "mc_dropout", "stress", "valtool_passes", "film_io")
+
+
+def numbers(obj):
+    """Every number in a nested dict/list, booleans excluded."""
+    if isinstance(obj, dict):
+        for value in obj.values():
+            yield from numbers(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from numbers(value)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield obj
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    rc = bench.main(["--quick", "--n-images", "16", "--image-size", "64", "--n-films", "6",
+                     "--film-size", "128", "--repeats", "2", "--out", str(out)])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_every_item_has_finite_positive_timings(quick):
+    assert set(quick["items"]) == set(ITEMS)
+    for key in ITEMS:
+        item = quick["items"][key]
+        values = list(numbers(item["timings"]))
+        assert values, key
+        assert all(math.isfinite(v) and v > 0 for v in values), (key, item["timings"])
+        assert math.isfinite(item["ratio"]) and item["ratio"] > 0, key
+        assert "target" in item and "met" in item
+
+
+def test_interleaved_sides_have_one_timing_per_repeat(quick):
+    t = quick["items"]["predict"]["timings"]
+    assert len(t["predict_s"]) == len(t["plain_s"]) == len(t["predict_batch16_s"]) == 2
+    m = quick["items"]["mc_dropout"]["timings"]
+    assert len(m["clean_features_mc_s"]) == len(m["clean_s"]) == 2
+    assert len(m["mc_sampling_s"]) == 2 * quick["items"]["mc_dropout"]["chunks"]  # sampled once per chunk
+    # the clean pass, then one group of 3 severities per corruption; a naive and a cached pass after each
+    s = quick["items"]["stress"]["timings"]
+    assert s["passes_per_group"] == [1, 3, 3, 3, 3]
+    assert len(s["stress_s_per_group"]) == len(s["naive_clean_s"]) == len(s["cached_clean_s"]) == 5
+    assert s["stress_total_s"] == pytest.approx(sum(s["stress_s_per_group"]))
+
+
+def test_ratios_are_the_medians_of_the_timings(quick):
+    import statistics
+
+    p = quick["items"]["predict"]
+    n = p["images"]
+    t = p["timings"]
+    assert p["predict_img_s"] == pytest.approx(n / statistics.median(t["predict_s"]))
+    # the ratio pairs the two sides of the same (interleaved) repeat
+    assert p["ratio"] == pytest.approx(statistics.median(a / b for a, b in zip(t["plain_s"], t["predict_s"])))
+    s = quick["items"]["stress"]["timings"]
+    naive_13 = sum(p * t for p, t in zip(s["passes_per_group"], s["naive_clean_s"]))  # 13 passes' worth
+    assert quick["items"]["stress"]["ratio"] == pytest.approx(s["stress_total_s"] / naive_13)
+
+
+def test_valtool_passes_over_the_test_split_are_counted_exactly(quick):
+    v = quick["items"]["valtool_passes"]
+    tta = v["flags"]["tta_samples"]
+    assert v["counted"] == 1 + 12 + tta  # the clean pass, 4 corruptions x 3 severities, TTA draws
+    assert v["summary_json"] == v["counted"] and v["matches_summary"] is True
+    assert v["other_passes"] >= 1  # the val split's pass for the temperature is not over the test rows
+    assert v["met"] is True
+
+
+def test_sanity_compares_the_two_precisions_on_the_same_images(quick):
+    s = quick["items"]["predict"]["sanity"]
+    assert 0 <= s["mean_abs_logit_diff"] <= s["max_abs_logit_diff"]
+    assert 0 <= s["decisions_agree"] <= 1
+
+
+def test_machine_description(quick):
+    m = quick["machine"]
+    assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["torch"] and m["cpu"]
+    assert m["device"] == "cpu" and m["precision"] in ("bf16", "fp32")
+
+
+def test_table_has_a_row_per_item(quick):
+    text = bench.format_table(quick["items"])
+    for tag in ("1 ", "2 ", "3 ", "4 ", "5 ", "6 "):
+        assert any(line.startswith(tag) for line in text.splitlines()), tag
+
+
+def test_timed_loader_splits_waiting_from_stepping():
+    import time
+
+    import torch
+
+    class Slow:
+        dataset = list(range(3))
+
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for i in range(3):
+                time.sleep(0.01)
+                yield i
+
+    loader = bench.TimedLoader(Slow(), torch.device("cpu"))
+    for _ in loader:
+        time.sleep(0.1)
+    assert len(loader.waits) == len(loader.steps) == 3
+    # a wait holds the loader's 10 ms, never the 100 ms step after it
+    assert all(0.01 <= w < 0.1 for w in loader.waits)
+    assert all(s >= 0.1 for s in loader.steps)
+
+
+def test_gpu_mode_refuses_without_cuda(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--gpu", "--out", "unused.json"]) == 2
+    assert "--gpu: no CUDA device" in capsys.readouterr().err
+
+
+def test_sizes_are_checked():
+    with pytest.raises(UserError, match="--repeats 0"):
+        bench.resolve_options(bench.build_parser().parse_args(["--repeats", "0"]))
+
+
+def test_a_failed_item_is_kept_as_a_row_not_lost():
+    def broken():
+        raise ImportError("cannot import name 'x'")
+
+    item = bench.run_item(broken)
+    assert item["error"] == "ImportError: cannot import name 'x'" and item["met"] is None
+    assert "failed: ImportError" in bench.format_table({"stress": item})
+
+
+def test_chunks_cover_every_row_once_in_order():
+    import numpy as np
+
+    parts = bench.chunk_rows(10, 4)
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert np.array_equal(np.concatenate(parts), np.arange(10))
+
+
+def test_in_chunks_alternates_sides_chunk_by_chunk():
+    import torch
+
+    order = []
+    times = bench.in_chunks({"a": lambda k: order.append(("a", k)), "b": lambda k: order.append(("b", k))},
+                            n_chunks=2, repeats=2, device=torch.device("cpu"))
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1)] * 2
+    assert len(times["a"]) == len(times["b"]) == 2
+
+
+def test_other_load_leaves_out_this_process_own_work():
+    import time
+
+    with bench.OtherLoad() as load:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # this process's own CPU time is not "other jobs"
+            pass
+    assert load.fraction is None or 0.0 <= load.fraction <= 1.05

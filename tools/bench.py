@@ -1,0 +1,848 @@
+"""``python -m tools.bench`` (``make bench``): what the suite's design choices buy, measured as
+ratios on this machine in one run.
+
+Every number is a ratio of two measurements taken in the same run, on images the bench makes
+itself in a temporary folder, so no absolute time is asserted anywhere. Warm-up passes are not
+counted. The two sides of each ratio are measured interleaved (A, B, A, B), in pieces of about
+one batch or a few passes, so that load from other jobs hits both; a ratio is the median over
+repeats of the two sides' times in the same repeat. Other jobs' share of the cores is measured
+during each item (from /proc/stat) and a warning names the items it may have disturbed.
+
+Two synthetic image sets:
+
+- the demo phantoms (``tools.make_demo_data``) at 256 px, ``--n-images`` of them, for the model
+  measurements (items 1, 3, 5);
+- ``--n-films`` 8-bit PNG films of ``--film-size`` px (1024 = ChestX-ray14's size), the same
+  phantoms upscaled, for the measurements where decoding matters (items 2, 4, 6).
+
+Items:
+
+1. ``predict`` as the suite runs it (cached uint8 pixels, precision auto, channels_last,
+   inference_mode, batch 64) against a plain loop (decode the PNG each time, resize, normalise in
+   float, fp32 NCHW model under ``no_grad``, ``--batch-size``): ratio of images/s; the same with
+   the suite at ``--batch-size``; and the logit and AUROC difference between the two precisions
+   on the same images.
+2. Time the model waits for data, as a fraction of model time, with a cold cache (the store is
+   built first) and a warm cache (the store is on disk and reused).
+3. Calibrate-style MC-Dropout (clean pass with features + 30 head samples) against a clean pass.
+4. The stress command's 13 passes against 13 x one clean pass that decodes the PNGs each time,
+   and against 13 x one clean pass on the cached store.
+5. Passes of the model over the test split in ``main.py valtool``, counted by wrapping ``predict``.
+6. On the films: cache build rate, cached read rate and plain decode rate.
+
+``--gpu`` (CUDA only) instead measures eval images/s at batch 256 in bf16 + channels_last, with
+and without ``torch.compile``, and the warm-cache data-wait fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tools.errors import UserError
+
+LABELS = ["Cardiomegaly", "Edema", "Effusion"]
+MC_SAMPLES = 30
+VALTOOL_TTA, VALTOOL_MC, VALTOOL_BOOTSTRAP = 2, 5, 50
+STRESS_PASSES = 13  # the clean pass and 4 corruptions x 3 severities
+GPU_BATCH = 256
+FULL = {"n_images": 256, "image_size": 224, "n_films": 128, "film_size": 1024, "repeats": 3}
+QUICK = {"n_images": 16, "image_size": 64, "n_films": 8, "film_size": 256, "repeats": 2}
+GPU = {"n_images": 4096, "image_size": 224, "n_films": 0, "film_size": 1024, "repeats": 5}
+
+
+# ====== measuring ======
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a timer stops when the work has finished (CUDA is async)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """(result, seconds) of ``fn()``, measured with ``perf_counter`` around a device sync."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+def interleaved(sides: dict, repeats: int, device: torch.device) -> dict:
+    """{name: [seconds per repeat]} for the callables in ``sides``, run A, B, A, B, ..."""
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            times[name].append(timed(fn, device)[1])
+    return times
+
+
+def in_chunks(sides: dict, n_chunks: int, repeats: int, device: torch.device) -> dict:
+    """{name: [seconds per repeat]}: each repeat runs every side on chunk 0, then every side on
+    chunk 1, ... (``fn(k)`` does side's work on chunk k) and sums each side's times. Interleaving
+    at the grain of a chunk rather than a whole pass makes both sides see the same load from
+    other jobs, which on a shared machine changes over tens of seconds."""
+    times = {name: [] for name in sides}
+    for _ in range(repeats):
+        totals = dict.fromkeys(sides, 0.0)
+        for k in range(n_chunks):
+            for name, fn in sides.items():
+                totals[name] += timed(lambda: fn(k), device)[1]
+        for name, total in totals.items():
+            times[name].append(total)
+    return times
+
+
+def paired_ratio(numerator: list, denominator: list) -> float:
+    """Median over repeats of numerator / denominator, each pair measured in the same repeat."""
+    return median(a / b for a, b in zip(numerator, denominator))
+
+
+class TimedLoader:
+    """A loader that records, per batch, ``waits``: seconds from asking for the batch to getting
+    it (the model waiting for data; the first includes starting the loader's workers), and
+    ``steps``: seconds from getting it to asking for the next one (the model step, including the
+    copy of its outputs back to the host; on CUDA the step is synchronised before it is stopped)."""
+
+    def __init__(self, loader, device: torch.device):
+        self.loader, self.dataset, self.device = loader, loader.dataset, device
+        self.waits, self.steps = [], []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        start = time.perf_counter()
+        batches = iter(self.loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            arrived = time.perf_counter()
+            self.waits.append(arrived - start)
+            yield batch
+            synchronize(self.device)
+            start = time.perf_counter()
+            self.steps.append(start - arrived)
+
+
+@contextlib.contextmanager
+def patched_predict(wrap):
+    """Within the block, ``predict`` is ``wrap(predict)`` in every loaded module of the suite that
+    imported it by name (``tools.pipeline`` does: ``from tools.engine import predict``)."""
+    from tools import engine
+
+    original = engine.predict
+    patched = wrap(original)
+    modules = [m for name, m in list(sys.modules.items())
+               if (name == "main" or name.startswith("tools.")) and getattr(m, "predict", None) is original]
+    for module in modules:
+        module.predict = patched
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.predict = original
+
+
+def timing_predict(record: list):
+    """``patched_predict`` wrapper: each pass's TimedLoader is appended to ``record``."""
+    def wrap(original):
+        def predict(model, loader, device, *args, **kwargs):
+            loader = TimedLoader(loader, device)
+            record.append(loader)
+            return original(model, loader, device, *args, **kwargs)
+        return predict
+    return wrap
+
+
+def counting_predict(split_paths, counts: dict):
+    """``patched_predict`` wrapper: counts passes whose rows are exactly ``split_paths``
+    (``counts["split"]``) and any other pass (``counts["other"]``)."""
+    wanted = sorted(os.path.abspath(p) for p in split_paths)
+
+    def wrap(original):
+        def predict(model, loader, *args, **kwargs):
+            rows = sorted(os.path.abspath(p) for p in loader.dataset.paths)
+            counts["split" if rows == wanted else "other"] += 1
+            return original(model, loader, *args, **kwargs)
+        return predict
+    return wrap
+
+
+# ====== the machine ======
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device, precision: str) -> dict:
+    from tools.engine import cpu_has_bf16
+
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": str(device), "precision": precision, "cpu_native_bf16": cpu_has_bf16(),
+            "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds used by every process on the machine, by this process and its finished
+    children such as loader workers), or None where /proc/stat is missing."""
+    import resource
+
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    jiffies = [int(f) for f in fields]
+    idle = jiffies[3] + (jiffies[4] if len(jiffies) > 4 else 0)  # idle + iowait
+    busy = (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return busy, own
+
+
+class OtherLoad:
+    """Share of the machine's cores that other jobs used while a block ran:
+    (all busy CPU time - this process's) / (wall time x cores). Other jobs' thread pools contend
+    with the model's, and a pass can then take several times longer at random."""
+
+    def __enter__(self):
+        self.start, self.wall = cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end, wall = cpu_seconds(), time.perf_counter() - self.wall
+        self.fraction = None
+        if self.start and end and wall > 0:
+            used = (end[0] - self.start[0]) - (end[1] - self.start[1])
+            self.fraction = max(0.0, used) / (wall * (os.cpu_count() or 1))
+        return False
+
+
+def busy_warning(items: dict, idle_share: float | None, limit: float = 0.2) -> str | None:
+    """A line naming the items during which other jobs used more than ``limit`` of the cores."""
+    busy = {k: v["other_jobs_cpu_share"] for k, v in items.items() if (v.get("other_jobs_cpu_share") or 0) > limit}
+    if idle_share is not None and idle_share > limit:
+        busy = {"before the start": idle_share, **busy}
+    if not busy:
+        return None
+    shown = ", ".join(f"{k} {v:.0%}" for k, v in busy.items())
+    return (f"other jobs used the cores ({shown} of all cores): their thread pools contend with the model's, "
+            "so those ratios may be off; rerun on an idle machine")
+
+
+# ====== the images ======
+
+def make_films(demo_csv: Path, out_dir: Path, n: int, size: int) -> Path:
+    """:func:`write_films` in a fresh (spawned) process. Upscaling to 1024 px starts OpenCV's
+    thread pool, and a loader worker forked from a process whose pool has started hangs when
+    ``tools.engine.worker_init`` calls ``cv2.setNumThreads``; the bench's own process must not
+    start it before the suite forks its workers."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(write_films, demo_csv, out_dir, n, size).result()
+
+
+def write_films(demo_csv: Path, out_dir: Path, n: int, size: int) -> Path:
+    """``n`` 8-bit PNG films of ``size`` x ``size`` px: the demo phantoms upscaled (cycling through
+    them when ``n`` exceeds their number), with the demo table's labels. Returns the CSV path."""
+    import cv2
+    import pandas as pd
+
+    from tools.io import write_csv
+
+    demo = pd.read_csv(demo_csv)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        row = demo.iloc[i % len(demo)].to_dict()
+        image = cv2.imread(str(demo_csv.parent / row["image_path"]), cv2.IMREAD_GRAYSCALE)
+        film = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+        row["image_path"] = f"images/film_{i:05d}.png"
+        if not cv2.imwrite(str(out_dir / row["image_path"]), film):
+            raise UserError(f"--out: cannot write {out_dir / row['image_path']}; check free space in the temp folder")
+        rows.append(row)
+    return write_csv(out_dir / "films.csv", pd.DataFrame(rows).drop(columns=["split"]))
+
+
+def chunk_rows(n: int, size: int) -> list[np.ndarray]:
+    """Row indices 0..n-1 in consecutive chunks of ``size`` (the last one may be shorter)."""
+    return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def subset(data, rows):
+    """SplitData of ``rows`` of ``data``, with those rows' cached pixels in memory (reading a row
+    of the memory-mapped store or of an array both cost microseconds)."""
+    from tools.cache import ImageStore
+    from tools.pipeline import SplitData
+
+    store = None if data.store is None else ImageStore(np.stack([data.store[int(i)] for i in rows]), None, [])
+    return SplitData(data.name, data.df.iloc[rows].reset_index(drop=True), [data.paths[i] for i in rows],
+                     data.y[rows], store)
+
+
+def suite_args(csv, image_size: int, cache_dir, seed: int, batch_size=None, num_workers=None) -> argparse.Namespace:
+    """The arguments ``tools.pipeline`` reads, as main.py's parser would give them."""
+    return argparse.Namespace(csv=str(csv), img_root=str(Path(csv).parent), labels=list(LABELS),
+                              image_size=int(image_size), cache_dir=str(cache_dir), no_cache=False,
+                              skip_bad_images=False, num_workers=num_workers, batch_size=batch_size,
+                              seed=int(seed), split=None)
+
+
+class Bench:
+    """What the items share: the device, the precision, the options and the temp folder."""
+
+    def __init__(self, opts, tmp: Path, device: torch.device, precision: str):
+        self.opts, self.tmp, self.device, self.precision = opts, tmp, device, precision
+
+    def run(self, csv, cache: str, batch_size=None):
+        from tools.pipeline import Run
+
+        args = suite_args(csv, self.opts.image_size, self.tmp / "cache" / cache, self.opts.seed, batch_size)
+        return Run(args, self.tmp / "out", self.device, self.precision)
+
+    def split(self, csv, cache: str, batch_size=None, split=None):
+        """(run, SplitData, seconds to build or open the store) for ``csv``'s rows of ``split``."""
+        from tools import pipeline
+
+        run = self.run(csv, cache, batch_size)
+        table = pipeline.read_input_table(run.args)
+        data, seconds = timed(lambda: pipeline.load_split(run, table, split), self.device)
+        return run, data, seconds
+
+
+# ====== the model ======
+
+def bench_model(seed: int) -> torch.nn.Module:
+    """DenseNet-121 with the suite's head, random weights (the speed does not depend on them)."""
+    from tools.model import build_model
+
+    torch.manual_seed(seed)
+    return build_model(len(LABELS), dropout=0.2, pretrained="none").eval()
+
+
+def fit_head(model, features: np.ndarray, y: np.ndarray) -> None:
+    """Set the head to per-label logistic regressions on ``features``, so that logits rank the
+    images and the bf16-vs-fp32 AUROC comparison means something."""
+    from sklearn.linear_model import LogisticRegression
+
+    from tools.model import head
+
+    linear = next(m for m in head(model) if isinstance(m, torch.nn.Linear))
+    scale = features.std(0).mean() + 1e-6
+    with torch.no_grad():
+        for j in range(y.shape[1]):
+            known = ~np.isnan(y[:, j])
+            if len(np.unique(y[known, j])) < 2:
+                continue
+            fit = LogisticRegression(C=1.0, max_iter=2000).fit(features[known] / scale, y[known, j])
+            linear.weight[j] = torch.as_tensor(fit.coef_[0] / scale, dtype=linear.weight.dtype)
+            linear.bias[j] = float(fit.intercept_[0])
+
+
+def plain_predict(model, paths, image_size: int, batch_size: int, device: torch.device) -> np.ndarray:
+    """What a straightforward eval loop does: decode each PNG with OpenCV, resize, normalise in
+    float32 on the host, fp32 NCHW model under ``no_grad``. Returns logits (N, L)."""
+    import cv2
+
+    from tools.data import IMAGENET_MEAN, IMAGENET_STD, letterbox
+
+    mean = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
+    std = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(paths), batch_size):
+            images = [letterbox(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), image_size)
+                      for p in paths[start:start + batch_size]]
+            x = np.repeat(np.stack(images).astype(np.float32)[:, None] / 255.0, 3, axis=1)
+            x = torch.from_numpy((x - mean) / std).to(device)
+            out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+# ====== the items ======
+
+def target(value: float, op: str, bound: float) -> dict:
+    met = value >= bound if op == ">=" else value <= bound
+    return {"target": f"{op} {bound:g}", "met": bool(met)}
+
+
+def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
+    """1. The suite's predict against a plain fp32 loop on the same images, interleaved by chunks
+    of one inference batch; also the suite at the plain loop's batch size."""
+    from tools.engine import prepare_model
+    from tools.metrics import compute_metrics, sigmoid
+    from tools.pipeline import clean_pass
+
+    run, data, build_s = b.split(csv, "demo")
+    small = b.run(csv, "demo", batch_size=b.opts.batch_size)  # the suite with --batch-size as the plain loop's
+    base = bench_model(b.opts.seed)
+    plain = copy.deepcopy(base).to(b.device).eval()
+    fast = prepare_model(base, b.device)
+    # ====== warm-up (not counted); its features fit the head of both models ======
+    warm = clean_pass(run, fast, data, features=True, desc="warm-up")
+    fit_rows, held_out = np.arange(0, len(data.paths), 2), np.arange(1, len(data.paths), 2)
+    fit_head(fast, warm["features"][fit_rows], data.y[fit_rows])
+    plain.classifier.load_state_dict(fast.classifier.state_dict())
+    parts = [subset(data, rows) for rows in chunk_rows(len(data.paths), run.batch_size)]
+    out = {"fast": [None] * len(parts), "plain": [None] * len(parts)}
+    sides = {
+        "predict": lambda k: out["fast"].__setitem__(k, clean_pass(run, fast, parts[k], desc="predict")["logits"]),
+        "plain": lambda k: out["plain"].__setitem__(k, plain_predict(plain, parts[k].paths, b.opts.image_size,
+                                                                     b.opts.batch_size, b.device)),
+        "predict_small_batch": lambda k: clean_pass(small, fast, parts[k], desc=f"predict b{b.opts.batch_size}"),
+    }
+    for fn in sides.values():  # every batch shape once: the first and the last chunk
+        fn(0), fn(len(parts) - 1)
+    times = in_chunks(sides, len(parts), b.opts.repeats, b.device)
+    n = len(data.paths)
+    logits = {k: np.concatenate(v) for k, v in out.items()}
+    ratio = paired_ratio(times["plain"], times["predict"])
+    diff = np.abs(logits["fast"] - logits["plain"])
+    auroc = {k: compute_metrics(data.y[held_out], sigmoid(v[held_out]), LABELS)["macro"]["auroc"]
+             for k, v in logits.items()}
+    sanity = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+              "macro_auroc_suite": auroc["fast"], "macro_auroc_plain_fp32": auroc["plain"],
+              "auroc_diff": abs(auroc["fast"] - auroc["plain"]),
+              "decisions_agree": float(((logits["fast"] >= 0) == (logits["plain"] >= 0)).mean()),
+              "head": "fitted on the even rows' features; AUROC on the odd rows; only the difference matters"}
+    result = {"name": "predict vs plain loop", "images": n, "image_size": b.opts.image_size, "precision": b.precision,
+              "suite": f"cached uint8, {b.precision}, channels_last, inference_mode, batch {run.batch_size}",
+              "plain": f"cv2 PNG decode each time, float normalise, fp32 NCHW, no_grad, batch {b.opts.batch_size}",
+              "predict_img_s": n / median(times["predict"]), "plain_img_s": n / median(times["plain"]),
+              "ratio": ratio, **target(ratio, ">=", 2.5), "sanity": sanity,
+              "predict_at_plain_batch_img_s": n / median(times["predict_small_batch"]),
+              "ratio_at_plain_batch": paired_ratio(times["plain"], times["predict_small_batch"]),
+              "chunks": len(parts),
+              "timings": {"predict_s": times["predict"], "plain_s": times["plain"],
+                          f"predict_batch{b.opts.batch_size}_s": times["predict_small_batch"], "store_build_s": build_s}}
+    return result, fast
+
+
+def data_wait(b: Bench, csv: Path, model, cache: str, batch_size=None) -> dict:
+    """One load_split + clean pass with the loader timed; the store's build/open time counts as
+    waiting, since the model cannot start before it."""
+    from tools.pipeline import clean_pass
+
+    record = []
+    run, data, store_s = b.split(csv, cache, batch_size)
+    with patched_predict(timing_predict(record)):
+        clean_pass(run, model, data, desc="timed pass")
+    loader = record[-1]
+    model_s, loader_s = sum(loader.steps), sum(loader.waits)
+    return {"images": len(data.paths), "store_s": store_s, "loader_wait_s": loader_s,
+            "first_batch_wait_s": loader.waits[0],
+            "model_s": model_s, "fraction": (store_s + loader_s) / model_s}
+
+
+def item_data_wait(b: Bench, csv: Path, model) -> dict:
+    """2. Data wait / model time, cold cache (new cache folder each time) and warm cache."""
+    data_wait(b, csv, model, "films-warm")  # builds the warm store and warms the model up
+    runs = {"cold": [], "warm": []}
+    for r in range(b.opts.repeats):
+        runs["cold"].append(data_wait(b, csv, model, f"films-cold-{r}"))
+        runs["warm"].append(data_wait(b, csv, model, "films-warm"))
+    cold, warm = (median(x["fraction"] for x in runs[k]) for k in ("cold", "warm"))
+    timings = {f"{k}_{f}": [x[f] for x in runs[k]] for k in runs for f in ("store_s", "loader_wait_s", "model_s")}
+    return {"name": "data wait / model time", "images": runs["warm"][0]["images"],
+            "source": f"{b.opts.n_films} PNG films of {b.opts.film_size} px",
+            "cold_fraction": cold, "warm_fraction": warm, "ratio": warm, **target(warm, "<=", 0.10),
+            "warm_loader_only_fraction": median(x["loader_wait_s"] / x["model_s"] for x in runs["warm"]),
+            "definition": "(store build or open + time waiting for batches) / time in model steps",
+            "timings": timings}
+
+
+def item_mc_dropout(b: Bench, csv: Path, model) -> dict:
+    """3. Clean pass with features + 30 MC-Dropout head samples against a clean pass alone,
+    interleaved by chunks of one inference batch (the head sampled per chunk)."""
+    from tools.engine import mc_dropout_logits
+    from tools.pipeline import clean_pass
+
+    run, data, _ = b.split(csv, "demo")
+    parts = [subset(data, rows) for rows in chunk_rows(len(data.paths), run.batch_size)]
+    mc = []
+
+    def with_mc(k):
+        feats = clean_pass(run, model, parts[k], features=True, desc="clean+features")["features"]
+        mc.append(timed(lambda: mc_dropout_logits(model, feats, MC_SAMPLES, b.opts.seed, b.device), b.device)[1])
+
+    sides = {"mc": with_mc, "clean": lambda k: clean_pass(run, model, parts[k], desc="clean")}
+    with_mc(len(parts) - 1)
+    mc.clear()
+    times = in_chunks(sides, len(parts), b.opts.repeats, b.device)
+    ratio = paired_ratio(times["mc"], times["clean"])
+    return {"name": f"MC-Dropout x{MC_SAMPLES} vs none", "images": len(data.paths), "ratio": ratio,
+            **target(ratio, "<=", 1.1), "chunks": len(parts),
+            "timings": {"clean_features_mc_s": times["mc"], "clean_s": times["clean"], "mc_sampling_s": mc}}
+
+
+def item_stress(b: Bench, csv: Path, model) -> dict:
+    """4. The stress passes against 13 x a naive clean pass (PNG decode each time) and 13 x a
+    clean pass on the store. The stress passes run in groups (the clean pass, then each
+    corruption's three severities), each group followed by one naive and one cached pass; each
+    group is compared with the passes next to it in time:
+    ratio = sum of group times / sum of (passes in group x the naive pass after it)."""
+    from tools import pipeline, stress
+    from tools.corruptions import SEVERITIES
+
+    run, data, _ = b.split(csv, "films-warm")
+    naive = pipeline.SplitData(data.name, data.df, data.paths, data.y, None)
+    pipeline.clean_pass(run, model, naive, desc="warm-up")
+    for name in SEVERITIES:  # first calls import albumentations and build its transforms
+        for severity in (1, 2, 3):
+            stress.Corrupt(name, severity, b.opts.seed)(data.store[0], 0)
+    groups = [(1, lambda: pipeline.clean_pass(run, model, data, desc="clean"))]
+    groups += [(3, lambda name=name: stress.corrupted_logits(run, model, data, [name])) for name in SEVERITIES]
+    stress_s, naive_s, cached_s = [], [], []
+    for _, group in groups:
+        stress_s.append(timed(group, b.device)[1])
+        naive_s.append(timed(lambda: pipeline.clean_pass(run, model, naive, desc="naive"), b.device)[1])
+        cached_s.append(timed(lambda: pipeline.clean_pass(run, model, data, desc="cached"), b.device)[1])
+    passes = [p for p, _ in groups]
+    total = sum(stress_s)
+    vs_naive = total / sum(p * t for p, t in zip(passes, naive_s))
+    vs_cached = total / sum(p * t for p, t in zip(passes, cached_s))
+    return {"name": f"stress {sum(passes)} passes vs {sum(passes)} x clean", "images": len(data.paths),
+            "source": f"{b.opts.n_films} PNG films of {b.opts.film_size} px", "passes": sum(passes),
+            "ratio": vs_naive, **target(vs_naive, "<=", 1.0), "ratio_vs_cached_clean": vs_cached,
+            "timings": {"stress_s_per_group": stress_s, "passes_per_group": passes, "stress_total_s": total,
+                        "naive_clean_s": naive_s, "cached_clean_s": cached_s}}
+
+
+def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
+    """5. main.py valtool in-process; passes of the model over the test split, counted."""
+    from main import main as cli
+    from tools import pipeline, stress, uncertainty, valtool  # noqa: F401 - loaded so they can be patched
+    from tools.data import read_table, resolve_paths, select_split
+    from tools.io import read_json, save_torch
+    from tools.model import checkpoint_dict
+
+    weights, out = b.tmp / "bench.pt", b.tmp / "valtool"
+    save_torch(checkpoint_dict(model, LABELS, b.opts.image_size, 0.2, 0, None), weights)
+    test_paths = resolve_paths(select_split(read_table(csv, LABELS), "test", csv), csv.parent)
+    counts = {"split": 0, "other": 0}
+    argv = ["valtool", "--csv", csv, "--img-root", csv.parent, "--weights", weights, "--outdir", out,
+            "--cache-dir", b.tmp / "cache" / "valtool", "--tta-samples", VALTOOL_TTA, "--mc-samples", VALTOOL_MC,
+            "--bootstrap", VALTOOL_BOOTSTRAP, "--device", b.device.type, "--seed", b.opts.seed]
+    captured = io.StringIO()
+    with patched_predict(counting_predict(test_paths, counts)), \
+            contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+        (rc, seconds) = timed(lambda: cli([str(a) for a in argv]), b.device)
+    logging.getLogger().handlers.clear()  # main() pointed logging at the captured stream
+    if rc != 0:
+        raise RuntimeError(f"valtool exited {rc} in the bench:\n{captured.getvalue()[-3000:]}")
+    reported = read_json(out / "summary.json")["model_passes_over_split"]
+    bound = STRESS_PASSES + VALTOOL_TTA + 1
+    return {"name": "valtool passes over the test split", "images": len(test_paths),
+            "counted": counts["split"], "other_passes": counts["other"], "summary_json": reported,
+            "expected": STRESS_PASSES + VALTOOL_TTA, "ratio": counts["split"] / bound,
+            **target(counts["split"], "<=", bound), "matches_summary": counts["split"] == reported,
+            "flags": {"tta_samples": VALTOOL_TTA, "mc_samples": VALTOOL_MC, "bootstrap": VALTOOL_BOOTSTRAP},
+            "timings": {"valtool_s": seconds}}
+
+
+def read_all(store, times: int = 5) -> None:
+    for _ in range(times):
+        for i in range(len(store)):
+            store[i]
+
+
+def item_film_io(b: Bench, csv: Path) -> dict:
+    """6. Building the store from the films, reading it back, and decoding the PNGs plainly."""
+    import pandas as pd
+
+    from tools.cache import build_store
+    from tools.data import letterbox, load_image
+    from tools.engine import default_workers
+
+    paths = [str(csv.parent / p) for p in pd.read_csv(csv)["image_path"]]
+    size, workers, reads = b.opts.image_size, default_workers(), 5
+    stores = []
+
+    def build():
+        stores.append(build_store(paths, size, b.tmp / "cache" / f"films-build-{len(stores)}", workers,
+                                  progress=False))
+
+    def decode():
+        for p in paths:
+            letterbox(load_image(p), size)
+
+    build()
+    times = interleaved({"build": build, "read": lambda: read_all(stores[0], reads), "decode": decode},
+                        b.opts.repeats, b.device)
+    n = len(paths)
+    rates = {"build_img_s": n / median(times["build"]), "read_img_s": n * reads / median(times["read"]),
+             "decode_img_s": n / median(times["decode"])}
+    return {"name": "film cache build / read / decode", "images": n, "film_size": b.opts.film_size,
+            "build_workers": workers, **rates, "ratio": rates["read_img_s"] / rates["decode_img_s"],
+            "target": "info", "met": None,
+            "timings": {"build_s": times["build"], f"read_x{reads}_s": times["read"], "decode_s": times["decode"]}}
+
+
+# ====== the GPU mode ======
+
+def gpu_bench(b: Bench, csv: Path) -> dict:
+    """Eval images/s at batch 256, bf16 + channels_last, eager and with torch.compile, and the
+    warm-cache data-wait fraction. The compiled module is ``model.features`` because the suite's
+    ``backbone_features`` unwraps a compiled whole model and would run it eagerly."""
+    from tools.engine import prepare_model
+    from tools.pipeline import clean_pass
+
+    run, data, _ = b.split(csv, "gpu", batch_size=GPU_BATCH)
+    model = prepare_model(bench_model(b.opts.seed), b.device)
+    eager = model.features
+    clean_pass(run, model, data, desc="warm-up")
+    n = len(data.paths)
+    result = {"name": "gpu eval", "images": n, "batch": GPU_BATCH, "precision": b.precision,
+              "loader_workers": run.pass_workers}
+    try:
+        model.features = torch.compile(eager)
+        for _ in range(2):  # compiles for the full and the last, smaller batch
+            clean_pass(run, model, data, desc="compile warm-up")
+    except Exception as exc:  # noqa: BLE001 - report why compile failed and keep the eager numbers
+        result["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    compiled = model.features
+    sides = {"eager": lambda: clean_pass(run, model, data, desc="eager")}
+    if "compile_error" not in result:
+        def compiled_pass():
+            model.features = compiled
+            try:
+                clean_pass(run, model, data, desc="compiled")
+            finally:
+                model.features = eager
+        sides["compiled"] = compiled_pass
+    model.features = eager
+    times = interleaved(sides, b.opts.repeats, b.device)
+    result.update({f"{k}_img_s": n / median(v) for k, v in times.items()})
+    if "compiled" in times:
+        result["compile_speedup"] = result["compiled_img_s"] / result["eager_img_s"]
+    waits = [data_wait(b, csv, model, "gpu", GPU_BATCH) for _ in range(b.opts.repeats)]
+    result.update(warm_wait_fraction=median(w["fraction"] for w in waits), ratio=median(w["fraction"] for w in waits),
+                  warm_wait_fraction_after_first_batch=median(
+                      (w["loader_wait_s"] - w["first_batch_wait_s"]) / w["model_s"] for w in waits),
+                  **target(median(w["fraction"] for w in waits), "<=", 0.10),
+                  timings={**{f"{k}_s": v for k, v in times.items()},
+                           "warm_model_s": [w["model_s"] for w in waits],
+                           "warm_loader_wait_s": [w["loader_wait_s"] for w in waits]})
+    return result
+
+
+# ====== the table ======
+
+def table_rows(items: dict) -> list[list]:
+    """One printed row per measured ratio: item, what, A, B, ratio, target, met."""
+    failed = [[key, f"failed: {item['error']}", "", "", "", "", False]
+              for key, item in items.items() if "error" in item]
+    items = {key: item for key, item in items.items() if "error" not in item}
+    rows = []
+    p = items.get("predict")
+    if p:
+        s = p["sanity"]
+        rows.append(["1", f"predict ({p['precision']}, cached) vs plain fp32 loop, {p['image_size']} px",
+                     f"{p['predict_img_s']:.2f} img/s", f"{p['plain_img_s']:.2f} img/s", f"{p['ratio']:.2f}x",
+                     p["target"] + "x", p["met"]])
+        rows.append(["1b", f"same, the suite at --batch-size {p['plain'].rsplit(' ', 1)[1]}",
+                     f"{p['predict_at_plain_batch_img_s']:.2f} img/s", f"{p['plain_img_s']:.2f} img/s",
+                     f"{p['ratio_at_plain_batch']:.2f}x", "", None])
+        rows.append(["1c", "sanity: suite vs fp32 logits", f"max |dlogit| {s['max_abs_logit_diff']:.3g}",
+                     f"AUROC {s['macro_auroc_suite']:.3f} vs {s['macro_auroc_plain_fp32']:.3f}",
+                     f"agree {s['decisions_agree']:.3f}", "", None])
+    d = items.get("data_wait")
+    if d:
+        rows.append(["2", "data wait / model time, warm cache", "", "", f"{d['warm_fraction']:.1%}",
+                     "<= 10%", d["met"]])
+        rows.append(["2b", "data wait / model time, cold cache (store built)", "", "", f"{d['cold_fraction']:.1%}",
+                     "", None])
+    m = items.get("mc_dropout")
+    if m:
+        rows.append(["3", f"clean+MC-Dropout x{MC_SAMPLES} vs clean", f"{median(m['timings']['clean_features_mc_s']):.2f} s",
+                     f"{median(m['timings']['clean_s']):.2f} s", f"{m['ratio']:.3f}x", m["target"] + "x", m["met"]])
+    st = items.get("stress")
+    if st:
+        t = st["timings"]
+        rows.append(["4", f"stress {st['passes']} passes vs {st['passes']} x naive clean (PNG decode)",
+                     f"{t['stress_total_s']:.1f} s", f"{t['stress_total_s'] / st['ratio']:.1f} s",
+                     f"{st['ratio']:.3f}x", st["target"] + "x", st["met"]])
+        rows.append(["4b", f"stress vs {st['passes']} x cached clean (cost of corrupting)",
+                     f"{t['stress_total_s']:.1f} s", f"{t['stress_total_s'] / st['ratio_vs_cached_clean']:.1f} s",
+                     f"{st['ratio_vs_cached_clean']:.3f}x", "", None])
+    v = items.get("valtool_passes")
+    if v:
+        rows.append(["5", "valtool passes over test split (counted / summary.json)",
+                     f"{v['counted']} / {v['summary_json']}", f"expected {v['expected']}", "",
+                     v["target"], v["met"] and v["matches_summary"]])
+    f = items.get("film_io")
+    if f:
+        rows.append(["6", f"{f['film_size']} px films: cache build / plain decode", f"{f['build_img_s']:.1f} img/s",
+                     f"{f['decode_img_s']:.1f} img/s", f"{f['build_img_s'] / f['decode_img_s']:.2f}x", "", None])
+        rows.append(["6b", "cached read / plain decode", f"{f['read_img_s']:.0f} img/s",
+                     f"{f['decode_img_s']:.1f} img/s", f"{f['ratio']:.0f}x", "", None])
+    g = items.get("gpu")
+    if g:
+        rows.append(["G", f"eval batch {g['batch']} {g['precision']}+channels_last, eager", f"{g['eager_img_s']:.0f} img/s",
+                     "", "", "", None])
+        if "compiled_img_s" in g:
+            rows.append(["G", "with torch.compile (features)", f"{g['compiled_img_s']:.0f} img/s", "",
+                         f"{g['compile_speedup']:.2f}x", "", None])
+        rows.append(["G", "data wait / model time, warm cache", "", "", f"{g['warm_wait_fraction']:.1%}",
+                     "<= 10%", g["met"]])
+    return [[*r[:-1], "" if r[-1] is None else ("yes" if r[-1] else "NO")] for r in rows + failed]
+
+
+def format_table(items: dict) -> str:
+    from tabulate import tabulate
+
+    return tabulate(table_rows(items), headers=["#", "measurement", "A", "B", "ratio", "target", "met"])
+
+
+# ====== the command ======
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    size = parser.add_argument_group("sizes (defaults: full run; --quick and --gpu choose their own)")
+    size.add_argument("--n-images", type=int, default=None, help=f"demo phantoms (full {FULL['n_images']})")
+    size.add_argument("--image-size", type=int, default=None, help=f"model input px (full {FULL['image_size']})")
+    size.add_argument("--n-films", type=int, default=None, help=f"PNG films for items 2, 4, 6 (full {FULL['n_films']})")
+    size.add_argument("--film-size", type=int, default=None, help=f"film side in px (full {FULL['film_size']})")
+    size.add_argument("--repeats", type=int, default=None, help=f"timed repeats per side (full {FULL['repeats']})")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the plain loop (item 1)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    parser.add_argument("--gpu", action="store_true",
+                        help="CUDA only: eval img/s at batch 256 with/without torch.compile, warm data wait")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="outputs/bench/bench.json", help="where the JSON goes")
+    return parser
+
+
+def resolve_options(opts) -> argparse.Namespace:
+    """Fill sizes from the mode's defaults and check them."""
+    defaults = GPU if opts.gpu else QUICK if opts.quick else FULL
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    for flag, value, low in (("--n-images", opts.n_images, 8), ("--image-size", opts.image_size, 32),
+                             ("--repeats", opts.repeats, 1), ("--batch-size", opts.batch_size, 1),
+                             ("--film-size", opts.film_size, 32)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    if not opts.gpu and opts.n_films < 1:
+        raise UserError(f"--n-films {opts.n_films}: must be at least 1")
+    if opts.gpu and not torch.cuda.is_available():
+        raise UserError("--gpu: no CUDA device is available here; run `python -m tools.bench` without --gpu "
+                        "for the CPU measurements, or run --gpu on a GPU machine")
+    return opts
+
+
+def run_item(step) -> dict:
+    """The item's result, or ``{"error": ...}`` with the traceback on stderr, so one failing item
+    does not throw away the others' minutes of measurements."""
+    import traceback
+
+    try:
+        return step()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON and the exit status
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "ratio": None, "met": None}
+
+
+def run_bench(opts, tmp: Path) -> dict:
+    """Make the images, run every item, return the JSON document."""
+    from tools.engine import resolve_device, resolve_precision
+    from tools.make_demo_data import make_demo_dataset
+
+    device = resolve_device("cuda" if opts.gpu else "cpu")
+    bench = Bench(opts, tmp, device, resolve_precision("auto", device))
+    doc = {"machine": machine_info(device, bench.precision), "options": vars(opts), "items": {}}
+    with OtherLoad() as idle:  # one quiet second: is anything else running?
+        time.sleep(1.0)
+    doc["machine"]["other_jobs_cpu_share_at_start"] = idle.fraction
+    workers = (os.cpu_count() or 1) if opts.gpu else 1
+    demo_csv = Path(make_demo_dataset(tmp / "demo", n=opts.n_images, seed=opts.seed, size=256, workers=workers))
+    steps = [("gpu", lambda: gpu_bench(bench, demo_csv))] if opts.gpu else None
+    if steps is None:
+        films_csv = make_films(demo_csv, tmp / "films", opts.n_films, opts.film_size)
+        state = {}
+
+        def predict_item():
+            result, state["model"] = item_predict(bench, demo_csv)
+            return result
+
+        steps = [("predict", predict_item),
+                 ("data_wait", lambda: item_data_wait(bench, films_csv, state["model"])),
+                 ("mc_dropout", lambda: item_mc_dropout(bench, demo_csv, state["model"])),
+                 ("stress", lambda: item_stress(bench, films_csv, state["model"])),
+                 ("valtool_passes", lambda: item_valtool_passes(bench, demo_csv, state["model"])),
+                 ("film_io", lambda: item_film_io(bench, films_csv))]
+    for key, step in steps:
+        start = time.perf_counter()
+        with OtherLoad() as load:
+            item = run_item(step)
+        item.update(item_wall_s=time.perf_counter() - start, other_jobs_cpu_share=load.fraction)
+        doc["items"][key] = item
+        said = f"FAILED: {item['error']}" if "error" in item else f"ratio {item['ratio']:.3g} ({item['target']})"
+        print(f"[bench] {key}: {said} in {item['item_wall_s']:.0f} s", flush=True)
+    doc["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    doc["warning"] = busy_warning(doc["items"], doc["machine"]["other_jobs_cpu_share_at_start"])
+    return doc
+
+
+def main(argv=None) -> int:
+    from tools.io import write_json
+
+    try:
+        opts = resolve_options(build_parser().parse_args(argv))
+        out = Path(opts.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+            doc = run_bench(opts, Path(tmp))
+    except UserError as exc:
+        print(f"python -m tools.bench: error: {exc}", file=sys.stderr)
+        return 2
+    doc["wall_s"] = time.perf_counter() - start
+    write_json(out, doc)
+    m = doc["machine"]
+    print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"{m['device']}, {m['precision']}; {doc['wall_s']:.0f} s")
+    print(format_table(doc["items"]))
+    failed = [k for k, v in doc["items"].items() if "error" in v]
+    if doc["warning"]:
+        print(f"warning: {doc['warning']}")
+    print(f"-> {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
