@@ -78,8 +78,8 @@ def _decode_all(paths, image_size: int, out: np.ndarray, num_workers: int, progr
 
     loader = torch.utils.data.DataLoader(
         _Safe(paths, None, image_size), batch_size=32, num_workers=num_workers, shuffle=False,
-        worker_init_fn=worker_init,
-    )
+        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0),
+    )  # its own generator: a cold cache must not consume the global RNG that seeds the model
     for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress, leave=False):
         index = batch["index"].numpy()
         rows = np.where(index < 0, -1 - index, index)

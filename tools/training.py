@@ -10,7 +10,7 @@ import torch
 
 from tools import distributed, pipeline, plots
 from tools.data import SeededAugment, auto_split
-from tools.engine import make_loader, masked_bce, pos_weights, prepare_model, train_one_epoch
+from tools.engine import make_loader, masked_bce, pos_weights, prepare_model, seed_everything, train_one_epoch
 from tools.errors import UserError
 from tools.io import save_torch, write_csv
 from tools.metrics import compute_metrics, sigmoid
@@ -73,6 +73,7 @@ def train(args) -> None:
     pos_weight = pos_weights(train_data.y)
 
     # ====== model and optimiser ======
+    seed_everything(args.seed)  # the same initial weights whether or not the image cache was warm
     model = prepare_model(build_model(len(args.labels), args.dropout, args.pretrained), run.device,
                           compile=args.compile)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
