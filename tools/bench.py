@@ -58,7 +58,7 @@ MC_SAMPLES = 30
 VALTOOL_TTA, VALTOOL_MC, VALTOOL_BOOTSTRAP = 2, 5, 50
 STRESS_PASSES = 13  # the clean pass and 4 corruptions x 3 severities
 GPU_BATCH = 256
-FULL = {"n_images": 256, "image_size": 224, "n_films": 128, "film_size": 1024, "repeats": 3}
+FULL = {"n_images": 192, "image_size": 224, "n_films": 96, "film_size": 1024, "repeats": 3}
 QUICK = {"n_images": 16, "image_size": 64, "n_films": 8, "film_size": 256, "repeats": 2}
 GPU = {"n_images": 4096, "image_size": 224, "n_films": 0, "film_size": 1024, "repeats": 5}
 
@@ -777,8 +777,12 @@ def run_item(step) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "ratio": None, "met": None}
 
 
-def run_bench(opts, tmp: Path) -> dict:
-    """Make the images, run every item, return the JSON document."""
+def run_bench(opts, tmp: Path, out: Path) -> dict:
+    """Make the images, run every item, return the JSON document. The document is also written
+    to ``out`` after each item (``"complete": false``), so a run that is stopped keeps the items
+    already measured."""
+    from tools.io import write_json
+
     from tools.engine import resolve_device, resolve_precision
     from tools.make_demo_data import make_demo_dataset
 
@@ -811,11 +815,24 @@ def run_bench(opts, tmp: Path) -> dict:
             item = run_item(step)
         item.update(item_wall_s=time.perf_counter() - start, other_jobs_cpu_share=load.fraction)
         doc["items"][key] = item
+        write_json(out, {**doc, "complete": False})
         said = f"FAILED: {item['error']}" if "error" in item else f"ratio {item['ratio']:.3g} ({item['target']})"
         print(f"[bench] {key}: {said} in {item['item_wall_s']:.0f} s", flush=True)
     doc["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     doc["warning"] = busy_warning(doc["items"], doc["machine"]["other_jobs_cpu_share_at_start"])
+    doc["complete"] = True
     return doc
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, so the temporary images are removed on the way out."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv=None) -> int:
@@ -827,10 +844,13 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
-            doc = run_bench(opts, Path(tmp))
+            doc = run_bench(opts, Path(tmp), out)
     except UserError as exc:
         print(f"python -m tools.bench: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"python -m tools.bench: stopped; the items measured so far are in {opts.out}", file=sys.stderr)
+        return 130
     doc["wall_s"] = time.perf_counter() - start
     write_json(out, doc)
     m = doc["machine"]
@@ -845,4 +865,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     sys.exit(main())
