@@ -141,12 +141,12 @@ def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
         keep = np.setdiff1d(np.arange(len(df)), store.bad)
         df = df.iloc[keep].reset_index(drop=True)
         paths = [paths[i] for i in keep]
-        store = _Subset(store, keep)
+        store = RowSubset(store, keep)
     y = label_matrix(df, args.labels) if all(lbl in df.columns for lbl in args.labels) else None
     return SplitData(split, df, paths, y, store)
 
 
-class _Subset:
+class RowSubset:
     """Rows ``keep`` of a store, renumbered 0..len(keep)-1."""
 
     def __init__(self, store, keep):
