@@ -611,8 +611,9 @@ def item_film_io(b: Bench, csv: Path) -> dict:
 
 def gpu_bench(b: Bench, csv: Path) -> dict:
     """Eval images/s at batch 256, bf16 + channels_last, eager and with torch.compile, and the
-    warm-cache data-wait fraction. The compiled module is ``model.features`` because the suite's
-    ``backbone_features`` unwraps a compiled whole model and would run it eagerly."""
+    warm-cache data-wait fraction. The compiled module is ``model.features``, as
+    ``prepare_model(compile=True)`` does: ``backbone_features`` unwraps a compiled whole model and
+    would run it eagerly. Eager and compiled passes alternate by swapping ``model.features``."""
     from tools.engine import prepare_model
     from tools.pipeline import clean_pass
 
@@ -807,8 +808,10 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
                  ("data_wait", lambda: item_data_wait(bench, films_csv, state["model"])),
                  ("mc_dropout", lambda: item_mc_dropout(bench, demo_csv, state["model"])),
                  ("stress", lambda: item_stress(bench, films_csv, state["model"])),
-                 ("valtool_passes", lambda: item_valtool_passes(bench, demo_csv, state["model"])),
-                 ("film_io", lambda: item_film_io(bench, films_csv))]
+                 ("film_io", lambda: item_film_io(bench, films_csv)),
+                 # last: valtool's case studies start OpenCV's thread pool in this process, after
+                 # which a forked loader worker hangs in worker_init (see make_films)
+                 ("valtool_passes", lambda: item_valtool_passes(bench, demo_csv, state["model"]))]
     for key, step in steps:
         start = time.perf_counter()
         with OtherLoad() as load:
