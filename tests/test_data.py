@@ -1,6 +1,8 @@
 """tools/data.py and tools/cache.py: the input contract (SPEC "Input CSV"), image decoding,
 letterboxing, patient-grouped splits, the dataset items, seeded augmentation and the pixel cache."""
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -8,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import ROOT
 from tools import cache, data
 from tools.data import (
     CXRDataset,
@@ -353,3 +356,31 @@ def test_build_store_disk_cache_records_bad_rows(tmp_path, three_images):
     again = cache.build_store([str(bad)] + three_images, 16, cache_dir=tmp_path / "c", progress=False)
     assert again.bad == [0]
     np.testing.assert_array_equal(again[2], letterbox(load_image(three_images[1]), 16))
+
+
+# ====== loader workers ======
+
+WORKERS_AFTER_OPENCV_POOL = """
+import cv2, numpy as np, torch
+from tools.engine import make_loader
+image = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
+for _ in range(10):  # the parent starts OpenCV's thread pool before the workers are forked
+    cv2.GaussianBlur(cv2.resize(image, (1024, 1024)), (9, 9), 0)
+class Blurred(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+    def __getitem__(self, i):
+        return torch.from_numpy(cv2.resize(cv2.GaussianBlur(image, (9, 9), 0), (32, 32)))
+for _ in range(3):
+    loader = make_loader(Blurred(), 4, 2, torch.device("cpu"), persistent=False)
+    assert sum(len(batch) for batch in loader) == 16
+print("done")
+"""
+
+
+def test_loader_workers_do_not_hang_after_the_parent_used_opencv_threads():
+    # A worker told cv2.setNumThreads(1) after fork waits forever for the parent's pool threads.
+    result = subprocess.run([sys.executable, "-c", WORKERS_AFTER_OPENCV_POOL], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"
