@@ -1,6 +1,7 @@
 """tools/data.py and tools/cache.py: the input contract (SPEC "Input CSV"), image decoding,
 letterboxing, patient-grouped splits, the dataset items, seeded augmentation and the pixel cache."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -380,7 +381,14 @@ print("done")
 
 def test_loader_workers_do_not_hang_after_the_parent_used_opencv_threads():
     # A worker told cv2.setNumThreads(1) after fork waits forever for the parent's pool threads.
-    result = subprocess.run([sys.executable, "-c", WORKERS_AFTER_OPENCV_POOL], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "done"
+    process = subprocess.Popen([sys.executable, "-c", WORKERS_AFTER_OPENCV_POOL], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the hung workers too
+        process.communicate()
+        pytest.fail("the loader's workers hung")
+    assert process.returncode == 0, err
+    assert out.strip() == "done"
