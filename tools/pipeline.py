@@ -21,7 +21,9 @@ from tools.model import load_model
 
 log = logging.getLogger("cxr")
 
-INFERENCE_BATCH = 64
+# Inference batch per process. On the CPU 16 is faster than 64 (make bench, 2-core EPYC, bf16,
+# 224 px: 45.7 against 34.0 img/s); a GPU wants larger batches to stay busy.
+INFERENCE_BATCH = {"cpu": 16, "cuda": 64}
 
 
 @dataclass
@@ -47,7 +49,7 @@ class Run:
 
     @property
     def batch_size(self) -> int:
-        return self.args.batch_size or INFERENCE_BATCH
+        return self.args.batch_size or INFERENCE_BATCH.get(self.device.type, INFERENCE_BATCH["cpu"])
 
     def config(self, **extra) -> None:
         """Write ``config.json`` (rank 0); called first, and again when facts are learned."""
