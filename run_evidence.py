@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from tools.cli import guarded
+from tools.data import content_stats
 from tools.errors import UserError
 
 PROG = "run_evidence.py"
@@ -58,7 +59,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser() -> argparse.ArgumentParser:
     from main import common_parser
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[common_parser()],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[common_parser("outputs/taxonomy_evidence")],
                                      formatter_class=HelpFormatter)
     ev = parser.add_argument_group("evidence")
     ev.add_argument("--group-col", nargs="+", default=None,
@@ -97,39 +98,8 @@ def prevalence_table(df: pd.DataFrame, labels) -> pd.DataFrame:
 
 # ====== data evidence: intensity ======
 
-def content_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) standard deviation of each letterboxed uint8 image (N, S, S) over its
-    content, i.e. without the black padding.
-
-    Padding is what ``tools.data.letterbox`` adds: whole rows (top and bottom) or whole columns
-    (left and right) of zeros. The content is the box from the first to the last row and column
-    holding a non-zero pixel; zero pixels inside it count. A film whose own outermost lines are
-    entirely black loses those lines too (they cannot be told apart). An all-black image gives NaN.
-    """
-    images = np.asarray(images)
-    n, h, w = images.shape
-    nonzero = images > 0
-    rows_any, cols_any = nonzero.any(axis=2), nonzero.any(axis=1)
-
-    def span(any_line: np.ndarray, length: int) -> np.ndarray:
-        first = np.argmax(any_line, axis=1)
-        last = length - 1 - np.argmax(any_line[:, ::-1], axis=1)
-        idx = np.arange(length)
-        return (idx >= first[:, None]) & (idx <= last[:, None]) & any_line.any(axis=1)[:, None]
-
-    box = span(rows_any, h)[:, :, None] & span(cols_any, w)[:, None, :]
-    count = box.sum(axis=(1, 2)).astype(float)
-    pixels = images.astype(float)
-    total = np.where(box, pixels, 0.0).sum(axis=(1, 2))
-    squares = np.where(box, pixels * pixels, 0.0).sum(axis=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        var = np.maximum(squares / count - mean * mean, 0.0)
-    return mean, np.sqrt(var)
-
-
 def image_intensity(store, n: int, image_size: int) -> pd.DataFrame:
-    """``mean_intensity`` and ``std_intensity`` (:func:`content_stats`) of rows 0..n-1 of a store,
+    """``mean_intensity`` and ``std_intensity`` (``tools.data.content_stats``) of rows 0..n-1 of a store,
     in blocks of about STAT_PIXELS pixels so memory stays bounded at any image size."""
     step = max(1, STAT_PIXELS // (image_size * image_size))
     means, stds = [np.zeros(0)], [np.zeros(0)]
@@ -559,8 +529,6 @@ def run_evidence(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.outdir is None:
-        args.outdir = "outputs/taxonomy_evidence"
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     return guarded(PROG, run_evidence, args, args.outdir)
 

@@ -18,6 +18,7 @@ from tools.data import (
     SeededAugment,
     auto_split,
     check_images_exist,
+    content_stats,
     letterbox,
     load_image,
     read_raw,
@@ -357,6 +358,39 @@ def test_build_store_disk_cache_records_bad_rows(tmp_path, three_images):
     again = cache.build_store([str(bad)] + three_images, 16, cache_dir=tmp_path / "c", progress=False)
     assert again.bad == [0]
     np.testing.assert_array_equal(again[2], letterbox(load_image(three_images[1]), 16))
+
+
+# ====== content statistics ======
+
+@pytest.mark.parametrize("shape", [(40, 64), (64, 40)])
+def test_content_stats_exclude_letterbox_padding_only(shape):
+    """A film whose long side is already the target size is padded, not resized: its statistics
+    over the content must equal the film's own. Zero pixels inside the film still count."""
+    rng = np.random.default_rng(3)
+    film = rng.integers(1, 256, size=shape).astype(np.uint8)
+    film[10:14, 10:14] = 0
+    boxed = letterbox(film, 64)
+    assert (boxed == 0).sum() > 16  # padding is there
+    mean, std = content_stats(boxed[None])
+    assert mean[0] == pytest.approx(film.mean())
+    assert std[0] == pytest.approx(film.std())
+    blank_mean, blank_std = content_stats(np.zeros((1, 8, 8), np.uint8))
+    assert np.isnan(blank_mean[0]) and np.isnan(blank_std[0])
+
+
+def test_image_quality_measures_intensity_over_the_same_content(tmp_path):
+    """valtool's per-image intensity uses the same padding rule: zeros inside the film count."""
+    from tools.valtool import image_quality
+
+    film = np.random.default_rng(4).integers(1, 256, size=(40, 64)).astype(np.uint8)
+    film[5:25, 5:25] = 0
+    path = str(tmp_path / "film.png")
+    assert cv2.imwrite(path, film)
+    store = cache.build_store([path], 64, cache_dir=None, progress=False)
+    row = image_quality([path], store, 64).iloc[0]
+    assert (row["height"], row["width"]) == (40, 64) and bool(row["flag_small"])
+    assert row["mean_intensity"] == pytest.approx(film.mean())
+    assert row["std_intensity"] == pytest.approx(film.std())
 
 
 # ====== loader workers ======

@@ -217,6 +217,39 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def content_box(images: np.ndarray) -> np.ndarray:
+    """Boolean mask (N, S, S) of each letterboxed uint8 image's content, i.e. without the black
+    padding that :func:`letterbox` adds: whole rows (top and bottom) or whole columns (left and
+    right) of zeros. The content is the box from the first to the last row and column holding a
+    non-zero pixel; zero pixels inside it count. A film whose own outermost lines are entirely
+    black loses those lines too (they cannot be told apart). An all-black image has no content."""
+    nonzero = np.asarray(images) > 0
+    _, h, w = nonzero.shape
+    rows_any, cols_any = nonzero.any(axis=2), nonzero.any(axis=1)
+
+    def span(any_line: np.ndarray, length: int) -> np.ndarray:
+        first = np.argmax(any_line, axis=1)
+        last = length - 1 - np.argmax(any_line[:, ::-1], axis=1)
+        idx = np.arange(length)
+        return (idx >= first[:, None]) & (idx <= last[:, None]) & any_line.any(axis=1)[:, None]
+
+    return span(rows_any, h)[:, :, None] & span(cols_any, w)[:, None, :]
+
+
+def content_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) standard deviation of each letterboxed uint8 image (N, S, S) over its
+    :func:`content_box`. An all-black image gives NaN."""
+    box = content_box(images)
+    count = box.sum(axis=(1, 2)).astype(float)
+    pixels = np.asarray(images).astype(float)
+    total = np.where(box, pixels, 0.0).sum(axis=(1, 2))
+    squares = np.where(box, pixels * pixels, 0.0).sum(axis=(1, 2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / count
+        var = np.maximum(squares / count - mean * mean, 0.0)
+    return mean, np.sqrt(var)
+
+
 def find_bad_images(paths) -> list[str]:
     """Paths that cannot be decoded (used by --skip-bad-images and the data checks)."""
     bad = []

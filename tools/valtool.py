@@ -17,7 +17,7 @@ import pandas as pd
 
 from tools import distributed, pipeline, reports, stress, uncertainty
 from tools.calibration import fit_temperature
-from tools.data import IMAGE_EXTENSIONS
+from tools.data import IMAGE_EXTENSIONS, content_box
 from tools.errors import UserError
 from tools.io import NOTICE, write_csv, write_json
 from tools.metrics import sigmoid
@@ -177,7 +177,8 @@ def image_quality(paths, store, image_size) -> pd.DataFrame:
         except OSError:
             h = w = None
         pix = store[i]
-        content = pix[pix > 0] if (pix > 0).any() else pix.ravel()
+        box = content_box(pix[None])[0]  # without the letterbox padding
+        content = pix[box] if box.any() else pix.ravel()
         mean, std = float(content.mean()), float(content.std())
         rows.append({"image_path": path, "height": h, "width": w, "mean_intensity": mean, "std_intensity": std,
                      "flag_small": bool(h is not None and min(h, w) < image_size),
