@@ -7,6 +7,7 @@ import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from tools import calibration as cal
+from tools.metrics import sigmoid
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 
@@ -16,7 +17,7 @@ def synthetic(n, temperatures, seed=0):
     rng = np.random.default_rng(seed)
     t0 = np.asarray(temperatures, dtype=float)
     z = rng.normal(0.0, 2.0, size=(n, t0.size))
-    y = (rng.random(z.shape) < cal.sigmoid(z)).astype(float)
+    y = (rng.random(z.shape) < sigmoid(z)).astype(float)
     return z * t0, y
 
 
@@ -47,7 +48,7 @@ def ece_loop(p, y, n_bins=15):
 def test_sigmoid_is_stable_and_matches_the_formula():
     x = np.array([-1000.0, -30.0, -1.0, 0.0, 2.0, 30.0, 1000.0, np.nan])
     with np.errstate(over="raise", divide="raise", invalid="raise"):
-        s = cal.sigmoid(x)
+        s = sigmoid(x)
     assert s[0] == 0.0 and s[-2] == 1.0 and s[3] == 0.5 and np.isnan(s[-1])
     for xi, si in zip(x[1:-2], s[1:-2]):
         assert si == pytest.approx(1.0 / (1.0 + math.exp(-xi)), rel=1e-12)
@@ -70,7 +71,7 @@ def test_fit_temperature_is_a_minimum_of_the_nll():
     T = cal.fit_temperature(logits, y)
 
     def nll_at(t):
-        return cal.nll(cal.sigmoid(logits / t), y)
+        return cal.nll(sigmoid(logits / t), y)
 
     assert nll_at(T) <= min(nll_at(T * 0.99), nll_at(T * 1.01))
 
@@ -79,13 +80,13 @@ def test_fit_temperature_is_a_minimum_of_the_nll():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fitting_never_increases_the_nll_it_is_fitted_on(t0, seed):
     logits, y = synthetic(300, [t0, t0, t0], seed=seed)
-    before = cal.nll(cal.sigmoid(logits), y)
+    before = cal.nll(sigmoid(logits), y)
     T = cal.fit_temperature(logits, y)
-    assert cal.nll(cal.sigmoid(cal.apply_temperature(logits, T)), y) <= before + 1e-12
+    assert cal.nll(sigmoid(cal.apply_temperature(logits, T)), y) <= before + 1e-12
     T_per = cal.fit_temperature(logits, y, per_label=True)
     for j in range(3):
-        before_j = cal.nll(cal.sigmoid(logits[:, j]), y[:, j])
-        after_j = cal.nll(cal.sigmoid(logits[:, j] / T_per[j]), y[:, j])
+        before_j = cal.nll(sigmoid(logits[:, j]), y[:, j])
+        after_j = cal.nll(sigmoid(logits[:, j] / T_per[j]), y[:, j])
         assert after_j <= before_j + 1e-12
 
 
@@ -122,8 +123,8 @@ def test_apply_temperature_broadcasts_per_label():
 
 def test_temperature_does_not_change_auroc():
     logits, y = synthetic(500, [1.0, 1.0, 1.0], seed=6)
-    before = cal.calibration_report(cal.sigmoid(logits), y, LABELS)
-    after = cal.calibration_report(cal.sigmoid(logits / 2.7), y, LABELS)
+    before = cal.calibration_report(sigmoid(logits), y, LABELS)
+    after = cal.calibration_report(sigmoid(logits / 2.7), y, LABELS)
     assert after["auroc"] == pytest.approx(before["auroc"], abs=1e-12)
     for label in LABELS:
         assert after["per_class"][label]["auroc"] == pytest.approx(
@@ -199,7 +200,7 @@ def test_nll_clips_extreme_probabilities():
 
 def test_report_matches_independent_metrics_and_ignores_unknown_pairs():
     logits, y = synthetic(400, [1.5, 1.5, 1.5], seed=8)
-    p = cal.sigmoid(logits)
+    p = sigmoid(logits)
     y[::7, 0] = np.nan
     report = cal.calibration_report(p, y, LABELS)
     known = ~np.isnan(y)
@@ -254,7 +255,7 @@ def test_error_detection_auroc():
 def test_plot_reliability_writes_a_png_atomically(tmp_path):
     logits, y = synthetic(300, [2.0, 2.0, 2.0], seed=9)
     out = tmp_path / "reliability_uncal.png"
-    cal.plot_reliability(cal.sigmoid(logits), y, out, "uncalibrated")
+    cal.plot_reliability(sigmoid(logits), y, out, "uncalibrated")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in tmp_path.iterdir()] == [out.name]
     cal.plot_reliability(np.zeros((2, 3)), np.full((2, 3), np.nan), out, "nothing known")

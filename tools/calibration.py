@@ -36,7 +36,7 @@ Brier score: mean of ``(p - y) ** 2`` over known pairs.
 import numpy as np
 
 from tools.io import save_figure
-from tools.metrics import binary_metrics, sigmoid  # noqa: F401 - sigmoid is part of this API
+from tools.metrics import binary_metrics
 
 N_BINS = 15
 PROB_CLIP = 1e-7
