@@ -34,8 +34,9 @@ CORRUPTION_NAMES = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contr
 
 # ====== parser ======
 
-def common_parser() -> argparse.ArgumentParser:
-    """Flags shared by every subcommand (SPEC "Common flags")."""
+def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
+    """Flags shared by every subcommand (SPEC "Common flags"); ``outdir``: the default output
+    folder of a script with one job (the subcommands default to outputs/<command>)."""
     parent = argparse.ArgumentParser(add_help=False)
     data = parent.add_argument_group("data")
     data.add_argument("--csv", help="input CSV (image_path, one 0/1 column per label, optional split, metadata)")
@@ -53,9 +54,10 @@ def common_parser() -> argparse.ArgumentParser:
     model.add_argument("--image-size", type=int, default=None,
                        help="model input size in px (train: 224; other commands: the checkpoint's)")
     run = parent.add_argument_group("run")
-    run.add_argument("--outdir", default=None, help="output folder (default outputs/<command>)")
+    where = "%(default)s" if outdir else "outputs/<command>"
+    run.add_argument("--outdir", default=outdir, help=f"output folder (default {where})")
     run.add_argument("--batch-size", type=int, default=None,
-                     help="batch size per process (train: 16; inference: 64)")
+                     help="batch size per process (train: 16; inference: 16 on the CPU, 64 on CUDA)")
     run.add_argument("--num-workers", type=int, default=None,
                      help="loader processes (default: spare cores, at most 8, to decode; none for passes over "
                           "decoded pixels on the CPU)")

@@ -42,7 +42,7 @@ PROB_MISMATCH = 0.05
 def build_parser() -> argparse.ArgumentParser:
     from main import common_parser
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[common_parser()],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[common_parser("outputs/case_studies")],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cases = parser.add_argument_group("case studies")
     cases.add_argument("--preds", required=True,
@@ -356,8 +356,6 @@ def case_studies(run, model, args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.outdir is None:
-        args.outdir = "outputs/case_studies"
     return guarded(PROG, make_case_studies, args, args.outdir)
 
 

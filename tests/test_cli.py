@@ -181,3 +181,11 @@ def test_selective_full_coverage_risk_is_the_error_rate(demo, trained, evaluated
     summary = json.loads((tmp_path / "selective_summary.json").read_text())
     assert summary["risk_at_full_coverage"] == pytest.approx(error_rate)
     assert summary["e_aurc"] >= 0 and set(summary["coverage_at_risk"]) == {"0.01", "0.02", "0.05", "0.10"}
+
+
+@pytest.mark.parametrize("module, folder", [("make_case_studies", "outputs/case_studies"),
+                                            ("run_evidence", "outputs/taxonomy_evidence")])
+def test_scripts_beside_main_name_their_own_output_folder(module, folder):
+    parser = __import__(module).build_parser()
+    assert parser.get_default("outdir") == folder
+    assert f"output folder (default {folder})" in " ".join(parser.format_help().split())
