@@ -59,7 +59,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser() -> argparse.ArgumentParser:
     from main import common_parser
 
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[common_parser("outputs/taxonomy_evidence")],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                     parents=[common_parser("outputs/taxonomy_evidence")],
                                      formatter_class=HelpFormatter)
     ev = parser.add_argument_group("evidence")
     ev.add_argument("--group-col", nargs="+", default=None,

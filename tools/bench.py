@@ -40,6 +40,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import platform
 import statistics
@@ -397,7 +398,7 @@ def target(value: float, op: str, bound: float) -> dict:
 
 def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
     """1. The suite's predict against a plain fp32 loop on the same images, interleaved by chunks
-    of one inference batch; also the suite at the plain loop's batch size where that differs."""
+    of whole batches of both; also the suite at the plain loop's batch size where that differs."""
     from tools.engine import prepare_model
     from tools.metrics import compute_metrics, sigmoid
     from tools.pipeline import clean_pass
@@ -411,7 +412,8 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
     fit_rows, held_out = np.arange(0, len(data.paths), 2), np.arange(1, len(data.paths), 2)
     fit_head(fast, warm["features"][fit_rows], data.y[fit_rows])
     plain.classifier.load_state_dict(fast.classifier.state_dict())
-    parts = [subset(data, rows) for rows in chunk_rows(len(data.paths), run.batch_size)]
+    # a chunk holds whole batches of both sides, so neither runs a cut-short batch inside it
+    parts = [subset(data, rows) for rows in chunk_rows(len(data.paths), math.lcm(run.batch_size, b.opts.batch_size))]
     out = {"fast": [None] * len(parts), "plain": [None] * len(parts)}
     sides = {
         "predict": lambda k: out["fast"].__setitem__(k, clean_pass(run, fast, parts[k], desc="predict")["logits"]),

@@ -21,8 +21,8 @@ from tools.model import load_model
 
 log = logging.getLogger("cxr")
 
-# Inference batch per process. On the CPU 16 is faster than 64 (make bench, 2-core EPYC, bf16,
-# 224 px: 45.7 against 34.0 img/s); a GPU wants larger batches to stay busy.
+# Inference batch per process. On the CPU 16 is faster than 64 (tools.bench --batch-size 64 on a
+# 2-core EPYC, bf16, 224 px: 49.5 against 37.7 img/s); a GPU wants larger batches to stay busy.
 INFERENCE_BATCH = {"cpu": 16, "cuda": 64}
 
 
