@@ -13,7 +13,6 @@ from tools.metrics import (
     binary_metrics,
     bootstrap_weights,
     compute_metrics,
-    group_gap,
     metrics_with_ci,
 )
 
@@ -175,10 +174,18 @@ def test_cluster_bootstrap_keeps_a_patients_rows_together():
     assert w.std(axis=0).min() > 0  # patients do vary between resamples
 
 
+def group_gap(y, p, in_group, n_boot):
+    """The group's gap_to_rest as slicing reports it."""
+    from tools.slicing import group_metrics
+
+    df = pd.DataFrame({"g": np.where(in_group, "in", "out")})
+    return group_metrics(df, y, p, LABELS, "g", np.arange(len(y)), n_boot=n_boot)["groups"]["in"]["gap_to_rest"]
+
+
 def test_group_gap_point_value_is_group_minus_rest(tied_data):
     y, p = tied_data
     in_group = np.random.default_rng(3).random(len(y)) < 0.4
-    gap = group_gap(y, p, in_group, LABELS, weights=None)
+    gap = group_gap(y, p, in_group, n_boot=0)
     for j, label in enumerate(LABELS):
         g = sklearn_metrics(y[in_group, j], p[in_group, j])
         r = sklearn_metrics(y[~in_group, j], p[~in_group, j])
@@ -187,8 +194,7 @@ def test_group_gap_point_value_is_group_minus_rest(tied_data):
     macro_g = np.mean([sklearn_metrics(y[in_group, j], p[in_group, j])["auroc"] for j in range(3)])
     macro_r = np.mean([sklearn_metrics(y[~in_group, j], p[~in_group, j])["auroc"] for j in range(3)])
     assert gap["macro"]["auroc"] == pytest.approx(macro_g - macro_r)
-    weights = bootstrap_weights(np.arange(len(y)), 100, seed=0)
-    with_ci = group_gap(y, p, in_group, LABELS, weights=weights)
+    with_ci = group_gap(y, p, in_group, n_boot=100)
     assert with_ci["macro"]["auroc"] == pytest.approx(gap["macro"]["auroc"])
     lo, hi = with_ci["macro"]["ci95"]["auroc"]
     assert lo <= with_ci["macro"]["auroc"] <= hi

@@ -129,16 +129,32 @@ def _all_metrics_chunk(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> dict:
     return {"per_class": per_class, "macro": macro, "micro": micro}
 
 
-def compute_metrics(y, p, labels, split=None) -> dict:
-    """SPEC metrics schema for labels ``y`` (N, L; NaN unknown) and probabilities ``p`` (N, L)."""
+def scores(y, p, weights=None) -> dict:
+    """Every metric of probabilities ``p`` (N, L) for labels ``y`` (N, L; NaN unknown): ``point``
+    on the rows as given and, when ``weights`` (B, N) are given, ``boot`` on each resample (else
+    None). The expensive part of every report and comparison, so each is computed once and reused
+    (one clean pass's scores serve every corrupted pass compared with it)."""
     y, p = np.asarray(y, float), np.asarray(p, float)
-    res = _all_metrics_weighted(y, p, np.ones((1, len(y))))
+    return {"point": _all_metrics_weighted(y, p, np.ones((1, len(y)))),
+            "boot": None if weights is None else _all_metrics_weighted(y, p, weights)}
+
+
+def metrics_from_scores(y, s: dict, labels, split=None) -> dict:
+    """SPEC metrics schema from :func:`scores` of labels ``y``; with resamples, 95% intervals
+    (``ci95``) too."""
+    y = np.asarray(y, float)
     scalar = lambda d: {m: float(d[m][0]) for m in METRICS}  # noqa: E731
     per_class = {}
     for j, label in enumerate(labels):
-        per_class[label] = {**scalar(res["per_class"][j]), **_label_stats(y[:, j])}
-    return {"split": split, "n": int(len(y)), "labels": list(labels),
-            "macro": scalar(res["macro"]), "micro": scalar(res["micro"]), "per_class": per_class}
+        per_class[label] = {**scalar(s["point"]["per_class"][j]), **_label_stats(y[:, j])}
+    metrics = {"split": split, "n": int(len(y)), "labels": list(labels),
+               "macro": scalar(s["point"]["macro"]), "micro": scalar(s["point"]["micro"]), "per_class": per_class}
+    return metrics if s["boot"] is None else _attach_ci(metrics, s["boot"], labels)
+
+
+def compute_metrics(y, p, labels, split=None) -> dict:
+    """SPEC metrics schema for labels ``y`` (N, L; NaN unknown) and probabilities ``p`` (N, L)."""
+    return metrics_from_scores(y, scores(y, p), labels, split)
 
 
 # ====== bootstrap ======
@@ -171,49 +187,27 @@ def _attach_ci(metrics: dict, boot: dict, labels) -> dict:
     return metrics
 
 
-def metrics_with_ci(y, p, labels, clusters=None, n_boot=1000, seed=0, split=None, weights=None) -> dict:
+def metrics_with_ci(y, p, labels, clusters=None, n_boot=1000, seed=0, split=None) -> dict:
     """:func:`compute_metrics` plus 95% percentile bootstrap intervals (``ci95``) resampling
-    ``clusters`` (patient ids; rows when None). ``weights`` may pass precomputed resamples."""
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    metrics = compute_metrics(y, p, labels, split)
-    if n_boot <= 0 and weights is None:
-        return metrics
-    if weights is None:
+    ``clusters`` (patient ids; rows when None)."""
+    weights = None
+    if n_boot > 0:
         weights = bootstrap_weights(np.arange(len(y)) if clusters is None else clusters, n_boot, seed)
-    return _attach_ci(metrics, _all_metrics_weighted(y, p, weights), labels)
+    return metrics_from_scores(y, scores(y, p, weights), labels, split)
 
 
-def metric_difference(a: tuple, b: tuple, labels, weights: tuple | None) -> dict:
-    """Metrics of ``a`` minus metrics of ``b`` (each a ``(y, p)`` pair), macro and per class, with
-    95% intervals when ``weights`` gives each side's resamples (the same patients drawn on both
-    sides, so the interval is for the difference itself)."""
-    point_a = _all_metrics_weighted(*a, np.ones((1, len(a[0]))))
-    point_b = _all_metrics_weighted(*b, np.ones((1, len(b[0]))))
-    if weights is not None:
-        boot_a = _all_metrics_weighted(*a, weights[0])
-        boot_b = _all_metrics_weighted(*b, weights[1])
+def difference(a: dict, b: dict, labels) -> dict:
+    """Metrics of :func:`scores` ``a`` minus those of ``b``, macro and per class, with 95%
+    intervals when both hold resamples drawn together (the same patients on both sides, so the
+    interval is for the difference itself: a group against the rest, a corrupted pass against
+    the clean one on the same rows)."""
+    boot = a["boot"] is not None and b["boot"] is not None
 
     def block(get):
-        out = {m: float(get(point_a)[m][0] - get(point_b)[m][0]) for m in METRICS}
-        if weights is not None:
-            out["ci95"] = {m: _ci(get(boot_a)[m] - get(boot_b)[m]) for m in METRICS}
+        out = {m: float(get(a["point"])[m][0] - get(b["point"])[m][0]) for m in METRICS}
+        if boot:
+            out["ci95"] = {m: _ci(get(a["boot"])[m] - get(b["boot"])[m]) for m in METRICS}
         return out
 
     return {"macro": block(lambda r: r["macro"]),
             "per_class": {label: block(lambda r, j=j: r["per_class"][j]) for j, label in enumerate(labels)}}
-
-
-def group_gap(y, p, in_group: np.ndarray, labels, weights: np.ndarray | None) -> dict:
-    """Metric of the group minus metric of the rest, per metric, macro and per class, with 95%
-    intervals from the same resamples (a gap whose interval excludes 0 is not noise)."""
-    y, p = np.asarray(y, float), np.asarray(p, float)
-    w = None if weights is None else (weights[:, in_group], weights[:, ~in_group])
-    return metric_difference((y[in_group], p[in_group]), (y[~in_group], p[~in_group]), labels, w)
-
-
-def paired_difference(y, p_new, p_ref, labels, weights: np.ndarray | None) -> dict:
-    """Metric with ``p_new`` minus metric with ``p_ref`` on the same rows (a corrupted pass
-    against the clean one), with a paired bootstrap interval."""
-    y = np.asarray(y, float)
-    w = None if weights is None else (weights, weights)
-    return metric_difference((y, np.asarray(p_new, float)), (y, np.asarray(p_ref, float)), labels, w)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tools.metrics import METRICS, bootstrap_weights, group_gap, metrics_with_ci
+from tools.metrics import METRICS, bootstrap_weights, difference, metrics_from_scores, scores
 
 MAX_CATEGORIES = 12
 NUMERIC_BINS = 4
@@ -35,14 +35,18 @@ def group_metrics(df: pd.DataFrame, y, p, labels, col: str, clusters, min_group_
     """``{"group_col", "bin_edges", "groups": {value: metrics schema + ci95 + small + gap_to_rest}}``."""
     values, edges = group_values(df[col])
     weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
+
+    def part(mask):  # the group's or the rest's scores on the same resamples
+        return scores(y[mask], p[mask], None if weights is None else weights[:, mask])
+
     groups = {}
     for value in sorted(pd.unique(values), key=str):
         mask = values == value
-        sub_w = weights[:, mask] if weights is not None else None
-        block = metrics_with_ci(y[mask], p[mask], labels, split=None, weights=sub_w, n_boot=0)
+        group = part(mask)
+        block = metrics_from_scores(y[mask], group, labels)
         block.pop("split")
         block["small"] = bool(mask.sum() < min_group_size)
-        block["gap_to_rest"] = group_gap(y, p, mask, labels, weights) if (~mask).any() else None
+        block["gap_to_rest"] = difference(group, part(~mask), labels) if (~mask).any() else None
         groups[str(value)] = block
     return {"group_col": col, "bin_edges": edges, "min_group_size": min_group_size, "groups": groups}
 

@@ -14,7 +14,7 @@ from tabulate import tabulate
 from tools import distributed, pipeline, plots
 from tools.corruptions import PARAM_NAMES, SEVERITIES, apply_corruption, plot_corruption_examples
 from tools.io import write_csv, write_json
-from tools.metrics import METRICS, bootstrap_weights, compute_metrics, paired_difference, sigmoid
+from tools.metrics import METRICS, bootstrap_weights, compute_metrics, difference, scores, sigmoid
 from tools.slicing import group_values
 
 log = logging.getLogger("cxr")
@@ -42,7 +42,7 @@ def corrupted_logits(run, model, data, corruptions) -> dict:
 
 
 def _row(name, severity, param, metrics, delta, labels) -> dict:
-    """One stress_summary.csv row; ``delta`` is paired_difference's result (None for clean)."""
+    """One stress_summary.csv row; ``delta`` is the difference to the clean pass (None for clean)."""
     row = {"corruption": name, "severity": severity, "param": param}
     row.update({f"macro_{m}": metrics["macro"][m] for m in METRICS})
     row["delta_auroc"] = delta["macro"]["auroc"] if delta else 0.0
@@ -72,11 +72,12 @@ def write_stress(run, data, clean_logits, results: dict) -> pd.DataFrame:
     # gets an interval and a drop within noise is not reported as a failure.
     n_boot = getattr(args, "bootstrap", 1000)
     weights = bootstrap_weights(data.clusters, n_boot, args.seed) if n_boot > 0 else None
+    clean_scores = scores(data.y, clean_probs, weights)  # once, for all the passes compared with it
     rows = [_row("clean", 0, None, clean, None, labels)]
     for (name, severity), logits in results.items():
         probs = sigmoid(logits)
         metrics = compute_metrics(data.y, probs, labels, split)
-        delta = paired_difference(data.y, probs, clean_probs, labels, weights)
+        delta = difference(scores(data.y, probs, weights), clean_scores, labels)
         metrics.update(corruption=name, severity=severity, param=SEVERITIES[name][severity - 1],
                        param_name=PARAM_NAMES[name], delta_to_clean=delta)
         write_json(run.outdir / f"{name}_sev{severity}.json", metrics)
