@@ -499,18 +499,13 @@ def run_evidence(args) -> dict:
         args.labels = args.labels or list(DEFAULT_LABELS)
         args.image_size = args.image_size or DEFAULT_IMAGE_SIZE
     run = pipeline.start_run(args)
-    facts, model = {}, None
-    if args.weights:
-        model, ckpt = pipeline.load_checkpoint_model(run)
-        facts["checkpoint"] = {k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch",
-                                                        "val_macro_auroc")}
+    model = pipeline.load_checkpoint_model(run)[0] if args.weights else None
     table = pipeline.read_input_table(args)
     if args.group_col is None:
         args.group_col = [c for c in DEFAULT_GROUP_COLS if c in table.columns]
-    facts["group_cols"] = list(args.group_col)
     if model is not None:
         select_split(table, args.split, args.csv)
-    run.config(**facts)
+    run.config(group_cols=list(args.group_col))
 
     # ====== data evidence on every row (pixels decoded once), model evidence on --split ======
     data = pipeline.load_split(run, table, None)

@@ -127,6 +127,7 @@ def test_skip_bad_images_drops_and_records_them(bad, tmp_path, capsys):
     assert "skipping 2 undecodable image(s)" in capsys.readouterr().err
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["skipped_images"]["test"]["count"] == 2
+    assert config["checkpoint"]["image_size"] == SIZE  # written before the skip, kept by the rewrite
     metrics = json.loads((tmp_path / "metrics_test.json").read_text())
     table = pd.read_csv(bad["csv"])
     assert metrics["n"] == (table["split"] == "test").sum() - 2

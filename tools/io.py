@@ -6,6 +6,7 @@ JSON is strict: NaN and infinities become ``null`` (SPEC: "an undefined metric i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -111,6 +112,7 @@ def prepare_outdir(outdir) -> Path:
     return outdir
 
 
+@functools.cache  # config.json is rewritten as a run learns facts; the commit does not change
 def git_commit() -> str | None:
     try:
         out = subprocess.run(

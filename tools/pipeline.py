@@ -33,6 +33,7 @@ class Run:
     device: torch.device
     precision: str
     skipped: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)  # learned during the run, kept in every config.json
 
     @property
     def workers(self) -> int:
@@ -51,12 +52,14 @@ class Run:
     def batch_size(self) -> int:
         return self.args.batch_size or INFERENCE_BATCH.get(self.device.type, INFERENCE_BATCH["cpu"])
 
-    def config(self, **extra) -> None:
-        """Write ``config.json`` (rank 0); called first, and again when facts are learned."""
+    def config(self, **facts) -> None:
+        """Write ``config.json`` (rank 0); called first, and again when facts are learned (each
+        rewrite keeps the facts of the earlier ones)."""
+        self.facts.update(facts)
         if distributed.is_main():
             write_config(self.outdir, self.args, device=str(self.device), precision=self.precision,
                          seed=self.args.seed, world_size=distributed.world_size(),
-                         skipped_images=self.skipped, **extra)
+                         skipped_images=self.skipped, **self.facts)
 
 
 def start_run(args) -> Run:
@@ -81,7 +84,8 @@ def load_checkpoint_model(run: Run):
     model, ckpt = load_model(args.weights, args.labels, args.image_size)
     args.labels = list(ckpt["labels"])
     args.image_size = int(ckpt["image_size"])
-    run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch", "val_macro_auroc")})
+    run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch",
+                                                    "val_macro_auroc")})
     return prepare_model(model, run.device, compile=getattr(args, "compile", False)), ckpt
 
 
