@@ -131,11 +131,7 @@ def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
     df = select_split(table, split, args.csv)
     paths = resolve_paths(df, args.img_root)
     check_images_exist(paths, args.csv, args.img_root)
-    store = None
-    if distributed.is_main():
-        store = build_store(paths, args.image_size, cache_dir(args), run.workers, progress=True)
-    store = distributed.broadcast_object(store) if cache_dir(args) is not None else (
-        store if distributed.is_main() else build_store(paths, args.image_size, None, run.workers, progress=False))
+    store = shared_store(run, paths)
     if store.bad:
         shown = ", ".join(paths[i] for i in store.bad[:3])
         if not getattr(args, "skip_bad_images", False):
@@ -150,6 +146,16 @@ def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
         store = RowSubset(store, keep)
     y = label_matrix(df, args.labels) if all(lbl in df.columns for lbl in args.labels) else None
     return SplitData(split, df, paths, y, store)
+
+
+def shared_store(run: Run, paths):
+    """Decoded pixels of ``paths`` for every rank: rank 0 decodes them (or finds them cached) and,
+    with a cache, the other ranks map its file; without one each rank decodes for itself."""
+    args, cache = run.args, cache_dir(run.args)
+    if cache is None:
+        return build_store(paths, args.image_size, None, run.workers, progress=distributed.is_main())
+    store = build_store(paths, args.image_size, cache, run.workers, progress=True) if distributed.is_main() else None
+    return distributed.broadcast_object(store)
 
 
 class RowSubset:

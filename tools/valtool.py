@@ -76,7 +76,7 @@ def run_labelled(run) -> dict:
         if stats is not None:
             signals[name] = confidence_from_spread(stats["std"])
     sel = reports.write_selective(_stage(run, "selective"), data, probs, signals, primary="maxprob")
-    passes = 1 + len(results) + (args.tta_samples if tta is not None else 0)
+    passes = model_passes(results, tta, args)
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
     summary = _labelled_summary(args, data, ev, summary_table, cal, sel, passes)
@@ -84,6 +84,11 @@ def run_labelled(run) -> dict:
     summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
     summary["case_studies"] = _case_studies(run, model)
     return summary
+
+
+def model_passes(results, tta, args) -> int:
+    """Passes of the model over the split: the clean one, one per corrupted set, one per TTA draw."""
+    return 1 + len(results) + (args.tta_samples if tta is not None else 0)
 
 
 def _data_checks(run, data) -> dict:
@@ -169,7 +174,7 @@ def image_quality(paths, store, image_size) -> pd.DataFrame:
     (tiny, nearly blank, saturated) that often explain odd predictions."""
     from PIL import Image
 
-    rows = []
+    rows, bad = [], set(store.bad)
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as im:  # reads the header only: no second decode
@@ -183,7 +188,7 @@ def image_quality(paths, store, image_size) -> pd.DataFrame:
         rows.append({"image_path": path, "height": h, "width": w, "mean_intensity": mean, "std_intensity": std,
                      "flag_small": bool(h is not None and min(h, w) < image_size),
                      "flag_low_contrast": std < 10, "flag_saturated": float((content >= 250).mean()) > 0.2,
-                     "flag_dark": mean < 30, "flag_undecodable": i in set(store.bad)})
+                     "flag_dark": mean < 30, "flag_undecodable": i in bad})
     return pd.DataFrame(rows)
 
 
@@ -192,9 +197,7 @@ def run_unlabelled(run) -> dict:
     model, _ = pipeline.load_checkpoint_model(run)
     paths = find_images(args.image_dir)
     df = pd.DataFrame({"image_path": paths})
-    from tools.cache import build_store
-
-    store = build_store(paths, args.image_size, pipeline.cache_dir(args), run.workers)
+    store = pipeline.shared_store(run, paths)
     data = pipeline.SplitData("images", df, paths, np.full((len(paths), len(args.labels)), np.nan, np.float32), store)
     clean = pipeline.clean_pass(run, model, data, features=args.mc_samples > 0, desc="clean")
     probs = sigmoid(clean["logits"])
@@ -209,28 +212,30 @@ def run_unlabelled(run) -> dict:
         for name, stats in (("mc", mc), ("tta", tta)):
             if stats is not None:
                 extra[f"{lbl}_{name}_mean"], extra[f"{lbl}_{name}_std"] = stats["mean"][:, j], stats["std"][:, j]
-    quality = image_quality(paths, store, args.image_size)
     results = stress.corrupted_logits(run, model, data, args.corruptions)
+    if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
+        return {}
     shifts = []
     for (name, severity), logits in results.items():
-        delta = sigmoid(logits) - probs
+        corrupted = sigmoid(logits)
+        delta = corrupted - probs
         row = {"corruption": name, "severity": severity}
         for j, lbl in enumerate(args.labels):
             row[f"mean_abs_shift_{lbl}"] = float(np.abs(delta[:, j]).mean())
             row[f"max_abs_shift_{lbl}"] = float(np.abs(delta[:, j]).max())
-            row[f"flips_{lbl}"] = int(((sigmoid(logits)[:, j] >= 0.5) != (probs[:, j] >= 0.5)).sum())
+            row[f"flips_{lbl}"] = int(((corrupted[:, j] >= 0.5) != (probs[:, j] >= 0.5)).sum())
         shifts.append(row)
     shifts = pd.DataFrame(shifts)
-    if distributed.is_main():
-        pred_dir = _stage(run, "predictions").outdir
-        write_csv(pred_dir / "predictions_images.csv",
-                  reports.predictions_frame(df, args.labels, clean["logits"], probs, extra))
-        write_csv(_stage(run, "quality").outdir / "image_quality.csv", quality)
-        write_csv(_stage(run, "stress").outdir / "prediction_shifts.csv", shifts)
-        from tools.corruptions import plot_corruption_examples
+    quality = image_quality(paths, store, args.image_size)
+    pred_dir = _stage(run, "predictions").outdir
+    write_csv(pred_dir / "predictions_images.csv",
+              reports.predictions_frame(df, args.labels, clean["logits"], probs, extra))
+    write_csv(_stage(run, "quality").outdir / "image_quality.csv", quality)
+    write_csv(_stage(run, "stress").outdir / "prediction_shifts.csv", shifts)
+    from tools.corruptions import plot_corruption_examples
 
-        plot_corruption_examples(store[0], run.outdir / "stress" / "stress_examples.png", seed=args.seed,
-                                 title=f"{paths[0]} at model resolution")
+    plot_corruption_examples(store[0], run.outdir / "stress" / "stress_examples.png", seed=args.seed,
+                             title=f"{paths[0]} at model resolution")
     flagged = []
     for col in [c for c in quality.columns if c.startswith("flag_")]:
         count = int(quality[col].sum())
@@ -245,7 +250,7 @@ def run_unlabelled(run) -> dict:
             "mean_probability": {lbl: float(probs[:, j].mean()) for j, lbl in enumerate(args.labels)},
             "uncertainty": {"mc_dropout": uncertainty.public(mc), "tta": uncertainty.public(tta)},
             "largest_prediction_shift": _largest_shift(shifts, args.labels),
-            "model_passes_over_split": 1 + len(results) + (args.tta_samples if tta is not None else 0),
+            "model_passes_over_split": model_passes(results, tta, args),
             "flagged_problems": flagged, "note": NOTICE}
 
 
