@@ -240,13 +240,13 @@ def main(argv=None) -> int:
     quiet = int(os.environ.get("RANK", "0")) > 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
-    start = time.perf_counter()
+    start, status = time.perf_counter(), None
     try:
         status = guarded(f"main.py {args.command}", COMMANDS[args.command], args, args.outdir)
     finally:
         from tools import distributed
 
-        distributed.shutdown()
+        distributed.shutdown(succeeded=status == 0)
     if status:
         return status
     log.info("%s done in %.1f s -> %s", args.command, time.perf_counter() - start, args.outdir)

@@ -42,9 +42,15 @@ def init(device_name: str) -> str:
     return device_name
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(succeeded: bool) -> None:
+    """End the process group. After a run that succeeded every rank first waits for the others:
+    ranks finish at different times (rank 0 alone writes the files), and a rank tearing gloo down
+    while another still holds the connection could abort. After a failure no rank waits or tears
+    down (a collective teardown can hang); the process exits and torchrun stops the others."""
+    if not (succeeded and dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:
