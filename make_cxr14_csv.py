@@ -2,9 +2,10 @@
 
 The dataset (Wang et al., CVPR 2017; https://nihcc.app.box.com/v/ChestXray-NIHCC, also mirrored
 on the Hugging Face hub) ships a table `Data_Entry_2017*.csv`, the official `train_val_list.txt` /
-`test_list.txt`, and the PNG images spread over `images_0XX/images/` folders. This script finds all
-of them anywhere under `--hf-root`, keeps the rows whose image is on disk, assigns a patient-disjoint
-train/val/test split and writes one row per image:
+`test_list.txt`, and the PNG images spread over `images_0XX/images/` folders. This script finds the
+table, the test list (train_val is every other image) and the images anywhere under `--hf-root`,
+keeps the rows whose image is on disk, assigns a patient-disjoint train/val/test split and writes
+one row per image:
 
     image_path, split, <one 0/1 column per --labels>, view, sex, age, patient_id, follow_up,
     num_findings, num_findings_bin
@@ -19,7 +20,7 @@ import fnmatch
 import os
 import sys
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -41,7 +42,6 @@ DEFAULT_LABELS = ("Cardiomegaly", "Edema", "Effusion")
 
 TABLE_PATTERN = "Data_Entry_2017*.csv"
 TEST_LIST = "test_list.txt"
-TRAIN_VAL_LIST = "train_val_list.txt"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 # Table column -> output column, for the columns this script needs.
@@ -64,31 +64,29 @@ class DatasetFiles(NamedTuple):
     """What one walk over the dataset root found.
 
     `images` maps an image file name to its path (relative to the working directory when the
-    root is under it, else absolute); `tables`, `test_lists`, `train_val_lists` are sorted paths.
+    root is under it, else absolute); `tables` and `test_lists` are sorted paths.
     """
 
     images: dict[str, str]
     tables: list[str]
     test_lists: list[str]
-    train_val_lists: list[str]
 
 
 # ====== finding the files ======
 
 
-def walk_start(root: str, cwd: str | None = None) -> str:
-    """The spelling of `root` to walk from: relative to `cwd` when `root` is under it, else absolute.
-
-    Paths built by joining onto it are then usable from the working directory as they are.
+def walk_start(root: str) -> str:
+    """The spelling of `root` to walk from: relative to the working directory when `root` is under
+    it, else absolute. Paths built by joining onto it are then usable from there as they are.
     """
-    cwd = os.path.abspath(cwd or os.getcwd())
+    cwd = os.getcwd()
     root_abs = os.path.abspath(root)
     if os.path.commonpath([cwd, root_abs]) == cwd:
         return os.path.relpath(root_abs, cwd)
     return root_abs
 
 
-def scan_dataset(root: str, cwd: str | None = None) -> DatasetFiles:
+def scan_dataset(root: str) -> DatasetFiles:
     """Index the files under `root` in one recursive walk (symlinked folders followed once each).
 
     An image name found twice keeps the first path in sorted walk order, so reruns agree.
@@ -96,9 +94,9 @@ def scan_dataset(root: str, cwd: str | None = None) -> DatasetFiles:
     if not os.path.isdir(root):
         raise UserError(f"--hf-root {root}: no such folder; pass the folder the dataset was downloaded to")
     images: dict[str, str] = {}
-    tables, test_lists, train_val_lists = [], [], []
+    tables, test_lists = [], []
     seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(walk_start(root, cwd), followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(walk_start(root), followlinks=True):
         # Following links lets a symlinked image folder count; remembering real paths stops cycles.
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
@@ -115,9 +113,7 @@ def scan_dataset(root: str, cwd: str | None = None) -> DatasetFiles:
                 tables.append(os.path.join(prefix, name))
             elif name == TEST_LIST:
                 test_lists.append(os.path.join(prefix, name))
-            elif name == TRAIN_VAL_LIST:
-                train_val_lists.append(os.path.join(prefix, name))
-    return DatasetFiles(images, sorted(tables), sorted(test_lists), sorted(train_val_lists))
+    return DatasetFiles(images, sorted(tables), sorted(test_lists))
 
 
 def choose_table(tables: list[str], root: str) -> str:
@@ -262,34 +258,32 @@ def build_table(
     labels: list[str],
     seed: int = 1337,
     val_frac: float = 0.1,
-    log: Callable[[str], None] = print,
-    cwd: str | None = None,
 ) -> pd.DataFrame:
     """The project CSV for the dataset under `root`, one row per image found on disk."""
     labels = check_labels(labels)
     if not 0.0 <= val_frac < 1.0:
         raise UserError(f"--val-frac {val_frac}: must be at least 0 and below 1")
-    files = scan_dataset(root, cwd)
+    files = scan_dataset(root)
     table_path = choose_table(files.tables, root)
     others = [path for path in files.tables if path != table_path]
-    log(f"table: {table_path}" + (f" (also found, not used: {', '.join(others)})" if others else ""))
+    print(f"table: {table_path}" + (f" (also found, not used: {', '.join(others)})" if others else ""))
     table = read_data_entry(table_path)
 
     unknown = unknown_findings(table["finding_labels"])
     if unknown:
-        log(f"warning: {table_path}: findings outside the 14 ignored: {', '.join(unknown)}")
+        print(f"warning: {table_path}: findings outside the 14 ignored: {', '.join(unknown)}")
 
     # Split the whole table before dropping missing images, so a partial download keeps every
     # present image in the split it would have had with the full dataset.
     test_names = read_name_list(files.test_lists[0]) if files.test_lists else None
     if test_names is None:
-        log(f"split: no {TEST_LIST} under {root}; patient-grouped 70/10/20 split, seed {seed}")
+        print(f"split: no {TEST_LIST} under {root}; patient-grouped 70/10/20 split, seed {seed}")
     else:
-        log(f"split: official {files.test_lists[0]}; val = {val_frac:g} of train_val patients, seed {seed}")
+        print(f"split: official {files.test_lists[0]}; val = {val_frac:g} of train_val patients, seed {seed}")
     table["split"] = assign_splits(table, test_names, val_frac, seed)
     leaked = patients_in_several_splits(table)
     if leaked:
-        log(f"warning: {leaked} patient(s) have images both in {TEST_LIST} and outside it")
+        print(f"warning: {leaked} patient(s) have images both in {TEST_LIST} and outside it")
 
     table["image_path"] = table["image_name"].map(files.images)
     found = table["image_path"].notna()
@@ -299,7 +293,7 @@ def build_table(
             f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)} files); extract the "
             "images_0XX archives under that folder"
         )
-    log(f"images: kept {int(found.sum())} rows, dropped {int((~found).sum())} rows whose image "
+    print(f"images: kept {int(found.sum())} rows, dropped {int((~found).sum())} rows whose image "
         f"was not found under {root}")
     table = table[found].reset_index(drop=True)
 

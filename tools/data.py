@@ -250,17 +250,6 @@ def content_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(var)
 
 
-def find_bad_images(paths) -> list[str]:
-    """Paths that cannot be decoded (used by --skip-bad-images and the data checks)."""
-    bad = []
-    for path in paths:
-        try:
-            load_image(path)
-        except UserError:
-            bad.append(path)
-    return bad
-
-
 # ====== augmentation ======
 
 def mild_augment(image: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
