@@ -418,15 +418,12 @@ def subset_split(data, split: str | None, csv):
     when there is no split column, as ``tools.data.select_split`` does (which also gives the error
     for a split without rows)."""
     from tools.data import select_split
-    from tools.pipeline import RowSubset
 
     if split is None or "split" not in data.df.columns:
         return replace(data, name=None)  # reported as "all"
     select_split(data.df, split, csv)
     keep = np.flatnonzero((data.df["split"].astype(str) == split).to_numpy())
-    return replace(data, name=split, df=data.df.iloc[keep].reset_index(drop=True),
-                   paths=[data.paths[i] for i in keep], y=None if data.y is None else data.y[keep],
-                   store=RowSubset(data.store, keep))
+    return replace(data.subset(keep), name=split)
 
 
 def check_results_dirs(results) -> None:

@@ -101,6 +101,13 @@ class SplitData:
     def dataset(self, image_size: int, transform=None) -> CXRDataset:
         return CXRDataset(self.paths, self.y, image_size, transform=transform, source=self.store)
 
+    def subset(self, keep) -> SplitData:
+        """Rows ``keep`` (positions, in order), renumbered from 0; their pixels are shared, not
+        decoded again."""
+        keep = np.asarray(keep)
+        return SplitData(self.name, self.df.iloc[keep].reset_index(drop=True), [self.paths[i] for i in keep],
+                         None if self.y is None else self.y[keep], RowSubset(self.store, keep))
+
     @property
     def clusters(self) -> np.ndarray:
         """Bootstrap unit: patients when ``patient_id`` exists, else single images."""
@@ -132,6 +139,8 @@ def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
     paths = resolve_paths(df, args.img_root)
     check_images_exist(paths, args.csv, args.img_root)
     store = shared_store(run, paths)
+    y = label_matrix(df, args.labels) if all(lbl in df.columns for lbl in args.labels) else None
+    data = SplitData(split, df, paths, y, store)
     if store.bad:
         shown = ", ".join(paths[i] for i in store.bad[:3])
         if not getattr(args, "skip_bad_images", False):
@@ -140,12 +149,8 @@ def load_split(run: Run, table: pd.DataFrame, split: str | None) -> SplitData:
         log.warning("skipping %d undecodable image(s) in split %s (first: %s)", len(store.bad), split, shown)
         run.skipped[str(split)] = {"count": len(store.bad), "paths": [paths[i] for i in store.bad]}
         run.config()
-        keep = np.setdiff1d(np.arange(len(df)), store.bad)
-        df = df.iloc[keep].reset_index(drop=True)
-        paths = [paths[i] for i in keep]
-        store = RowSubset(store, keep)
-    y = label_matrix(df, args.labels) if all(lbl in df.columns for lbl in args.labels) else None
-    return SplitData(split, df, paths, y, store)
+        data = data.subset(np.setdiff1d(np.arange(len(df)), store.bad))
+    return data
 
 
 def shared_store(run: Run, paths):
