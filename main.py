@@ -195,13 +195,7 @@ def cmd_calibrate(args) -> None:
     test_out = pipeline.split_logits(run, model, test, features=args.mc_samples > 0, desc="test")
     val_logits = pipeline.split_logits(run, model, val, desc="val")["logits"]
     temperature = fit_temperature(val_logits, val.y, per_label=args.per_label)
-    # ====== spread ======
-    mc = tta = None
-    if args.mc_samples > 0:
-        probs = uncertainty.mc_dropout_probs(run, model, test_out["features"], args.mc_samples)
-        mc = uncertainty.spread_stats(probs, test.y, args.labels)
-    if args.tta_samples > 0:
-        tta = uncertainty.spread_stats(uncertainty.tta_probs(run, model, test, args.tta_samples), test.y, args.labels)
+    mc, tta = uncertainty.spread(run, model, test, test_out.get("features"), test.y)
     reports.write_calibration(run, test, test_out["logits"], temperature, mc, tta, fitted_on=args.val_split)
 
 

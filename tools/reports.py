@@ -80,7 +80,10 @@ def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict
     ``temperature`` is a number or one per label; ``fitted_on`` names the split it was fitted on
     (None: not fitted, reported at T = 1)."""
     from tools.calibration import apply_temperature, calibration_report, plot_reliability
-    from tools.uncertainty import public
+    from tools.uncertainty import public, spread_columns
+
+    if not distributed.is_main():
+        return {}
 
     labels, y = run.args.labels, data.y
     split = data.name or "all"
@@ -98,8 +101,6 @@ def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict
     summary["mc_dropout"] = public(mc) or {"samples": 0}
     summary["tta"] = public(tta) or {"samples": 0}
     summary["note"] = NOTICE
-    if not distributed.is_main():
-        return summary
     write_json(run.outdir / "calibration_summary.json", summary)
     t_text = ", ".join(f"{v:.2f}" for v in np.atleast_1d(temperature))
     plot_reliability(uncal, y, run.outdir / "reliability_uncal.png", f"uncalibrated ({split})")
@@ -110,10 +111,7 @@ def write_calibration(run, data, logits, temperature, mc: dict | None, tta: dict
                          f"MC-Dropout mean, {mc['samples']} samples ({split})")
     for j, lbl in enumerate(labels):
         extra[f"{lbl}_prob_uncal"] = uncal[:, j]
-        for name, stats in (("mc", mc), ("tta", tta)):
-            if stats is not None:
-                extra[f"{lbl}_{name}_mean"] = stats["mean"][:, j]
-                extra[f"{lbl}_{name}_std"] = stats["std"][:, j]
+        extra.update(spread_columns(lbl, j, mc, tta))
     write_csv(run.outdir / f"predictions_calibrated_{split}.csv",
               predictions_frame(data.df, labels, logits, cal, extra))
     rows = [[k, summary[f"{k}_before"], summary[f"{k}_after"]] for k in ("ece", "ece_toplabel", "nll", "brier", "auroc")]
@@ -135,33 +133,31 @@ def write_selective(run, data, probs, signals: dict, primary: str) -> dict:
     Every signal ranks the same decisions (clean probability at 0.5), so curves compare rankings.
     ``signals`` maps a name to a confidence array (N, L): higher = more confident."""
     from tools.selective import (known_decisions, oracle_curve, plot_risk_coverage, risk_coverage,
-                                 selective_summary)
+                                 summary_of_curve)
 
+    if not distributed.is_main():
+        return {}
     labels, y = run.args.labels, data.y
     split = data.name or "all"
-    curves, summaries = {}, {}
+    curves, summaries, per_label = {}, {}, []
     for name, confidence in signals.items():
-        conf, correct = known_decisions(confidence, probs, y)
+        conf, correct = known_decisions(confidence, probs, y)  # the same decisions for every signal
         curves[name] = risk_coverage(conf, correct)
-        summaries[name] = selective_summary(conf, correct)
+        summaries[name] = summary_of_curve(curves[name], correct)
         summaries[name]["per_label"] = {}
         for j, lbl in enumerate(labels):
             c_j, ok_j = known_decisions(confidence[:, j], probs[:, j], y[:, j])
-            summaries[name]["per_label"][lbl] = selective_summary(c_j, ok_j)
-    _, correct = known_decisions(signals[primary], probs, y)
+            curve_j = risk_coverage(c_j, ok_j)
+            summaries[name]["per_label"][lbl] = summary_of_curve(curve_j, ok_j)
+            if name == primary:
+                per_label.append(curve_j.assign(label=lbl))
     summary = {"split": split, "confidence": primary, **summaries[primary],
                "signals": {k: v for k, v in summaries.items()},
                "decisions": "known (image, label) pairs at threshold 0.5; risk = error rate of kept pairs"}
-    if not distributed.is_main():
-        return summary
     write_csv(run.outdir / f"risk_coverage_{split}.csv", curves[primary])
     for name, curve in curves.items():
         if name != primary:
             write_csv(run.outdir / f"risk_coverage_{split}_{name}.csv", curve)
-    per_label = []
-    for j, lbl in enumerate(labels):
-        c_j, ok_j = known_decisions(signals[primary][:, j], probs[:, j], y[:, j])
-        per_label.append(risk_coverage(c_j, ok_j).assign(label=lbl))
     write_csv(run.outdir / f"risk_coverage_{split}_per_label.csv", pd.concat(per_label, ignore_index=True))
     full_risk = summary["risk_at_full_coverage"]
     plot_risk_coverage(curves, run.outdir / f"risk_coverage_{split}.png", f"risk-coverage ({split}, n pairs = {summary['n']})",

@@ -207,7 +207,12 @@ def selective_summary(confidence, correct, targets=RISK_TARGETS):
     values (no decision) are None.
     """
     confidence, correct = _check(confidence, correct)
-    curve = risk_coverage(confidence, correct)
+    return summary_of_curve(risk_coverage(confidence, correct), correct, targets)
+
+
+def summary_of_curve(curve, correct, targets=RISK_TARGETS):
+    """:func:`selective_summary` from the curve :func:`risk_coverage` already drew for ``correct``."""
+    _, correct = _check(np.zeros(np.size(correct)), correct)
     area, oracle = aurc_from_curve(curve), oracle_aurc(correct)
     full_risk = float(curve["risk"].iloc[-1]) if len(curve) else float("nan")
     return {

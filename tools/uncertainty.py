@@ -48,6 +48,29 @@ def spread_stats(samples_probs: np.ndarray, y: np.ndarray | None, labels) -> dic
     return stats
 
 
+def spread(run, model, data, features, y) -> tuple[dict | None, dict | None]:
+    """(MC-Dropout, TTA) :func:`spread_stats` of ``data`` with the sample counts of
+    ``--mc-samples`` / ``--tta-samples`` (None where 0). ``features``: the clean pass's backbone
+    features (MC-Dropout samples the head on them); ``y``: labels, or None for unlabelled images."""
+    args = run.args
+    mc = tta = None
+    if args.mc_samples > 0:
+        mc = spread_stats(mc_dropout_probs(run, model, features, args.mc_samples), y, args.labels)
+    if args.tta_samples > 0:
+        tta = spread_stats(tta_probs(run, model, data, args.tta_samples), y, args.labels)
+    return mc, tta
+
+
+def spread_columns(label: str, j: int, mc: dict | None, tta: dict | None) -> dict:
+    """Predictions-CSV columns of label ``label`` (column ``j``): ``<L>_mc_mean``, ``<L>_mc_std``,
+    ``<L>_tta_mean``, ``<L>_tta_std`` for the spreads that were computed."""
+    columns = {}
+    for name, stats in (("mc", mc), ("tta", tta)):
+        if stats is not None:
+            columns[f"{label}_{name}_mean"], columns[f"{label}_{name}_std"] = stats["mean"][:, j], stats["std"][:, j]
+    return columns
+
+
 def public(stats: dict | None) -> dict | None:
     """The JSON part of spread_stats (without the per-pair arrays)."""
     return None if stats is None else {k: v for k, v in stats.items() if k not in ("mean", "std")}

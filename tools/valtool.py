@@ -60,12 +60,7 @@ def run_labelled(run) -> dict:
     else:
         temperature = 1.0
         log.warning("no %r split in --csv: temperature not fitted, calibration reported at T = 1", args.val_split)
-    mc = tta = None
-    if args.mc_samples > 0:
-        mc = uncertainty.spread_stats(uncertainty.mc_dropout_probs(run, model, clean["features"], args.mc_samples),
-                                      data.y, args.labels)
-    if args.tta_samples > 0:
-        tta = uncertainty.spread_stats(uncertainty.tta_probs(run, model, data, args.tta_samples), data.y, args.labels)
+    mc, tta = uncertainty.spread(run, model, data, clean.get("features"), data.y)
     cal = reports.write_calibration(_stage(run, "calibrate"), data, logits, temperature, mc, tta,
                                     fitted_on=args.val_split if has_val else None)
     # ====== selective ======
@@ -201,17 +196,10 @@ def run_unlabelled(run) -> dict:
     data = pipeline.SplitData("images", df, paths, np.full((len(paths), len(args.labels)), np.nan, np.float32), store)
     clean = pipeline.clean_pass(run, model, data, features=args.mc_samples > 0, desc="clean")
     probs = sigmoid(clean["logits"])
+    mc, tta = uncertainty.spread(run, model, data, clean.get("features"), None)
     extra = {}
-    mc = tta = None
-    if args.mc_samples > 0:
-        mc = uncertainty.spread_stats(uncertainty.mc_dropout_probs(run, model, clean["features"], args.mc_samples),
-                                      None, args.labels)
-    if args.tta_samples > 0:
-        tta = uncertainty.spread_stats(uncertainty.tta_probs(run, model, data, args.tta_samples), None, args.labels)
     for j, lbl in enumerate(args.labels):
-        for name, stats in (("mc", mc), ("tta", tta)):
-            if stats is not None:
-                extra[f"{lbl}_{name}_mean"], extra[f"{lbl}_{name}_std"] = stats["mean"][:, j], stats["std"][:, j]
+        extra.update(uncertainty.spread_columns(lbl, j, mc, tta))
     results = stress.corrupted_logits(run, model, data, args.corruptions)
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
