@@ -33,13 +33,16 @@ def demo(tmp_path_factory):
     return root, Path(csv)
 
 
+def train_argv(demo, out, epochs=2):
+    """main.py arguments of the ``trained`` run (a resumed run must use the very same ones)."""
+    root, csv = demo
+    return ["train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", epochs, "--pretrained",
+            "none", "--precision", "fp32", "--batch-size", 16, "--num-workers", 0, "--outdir", out]
+
+
 @pytest.fixture(scope="session")
 def trained(demo, tmp_path_factory):
     """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights)."""
-    root, csv = demo
     out = tmp_path_factory.mktemp("train")
-    rc = run_main("train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", 2,
-                  "--pretrained", "none", "--precision", "fp32", "--batch-size", 16, "--outdir", out,
-                  "--num-workers", 0)
-    assert rc == 0
+    assert run_main(*train_argv(demo, out)) == 0
     return out

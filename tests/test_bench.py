@@ -165,11 +165,21 @@ def test_in_chunks_alternates_sides_chunk_by_chunk():
     assert len(times["a"]) == len(times["b"]) == 2
 
 
-def test_other_load_leaves_out_this_process_own_work():
+def test_other_load_leaves_out_this_process_own_work(monkeypatch):
+    import os
     import time
 
-    with bench.OtherLoad() as load:
-        end = time.perf_counter() + 0.3
-        while time.perf_counter() < end:  # this process's own CPU time is not "other jobs"
-            pass
-    assert load.fraction is None or 0.0 <= load.fraction <= 1.05
+    def measure(busy_all, busy_own):
+        """OtherLoad's fraction when the machine's busy CPU seconds grow by ``busy_all`` and this
+        process's by ``busy_own`` (cpu_seconds gives both, machine first)."""
+        readings = iter([(100.0, 5.0), (100.0 + busy_all, 5.0 + busy_own)])
+        monkeypatch.setattr(bench, "cpu_seconds", lambda: next(readings))
+        with bench.OtherLoad() as load:
+            time.sleep(0.05)
+        return load.fraction
+
+    assert measure(0.04, 0.04) == pytest.approx(0.0, abs=1e-9)  # all the busy time was this process's own
+    fraction = measure(0.09, 0.04)  # 0.05 s of it came from other jobs
+    wall_upper = 0.05 * 20  # the sleep took at least 0.05 s; bound the fraction from both sides
+    cores = os.cpu_count() or 1
+    assert 0.05 / (wall_upper * cores) <= fraction <= 0.05 / (0.05 * cores)

@@ -132,7 +132,9 @@ def test_exact_cases_and_rerun_probabilities(fixture, tmp_path, capsys):
         assert_valid_png(out / name)
     # three rows (clean, blur, JPEG) make the corrupted figure taller than a one-row case
     assert cv2.imread(str(out / "case_corrupted.png")).shape[0] > 2 * cv2.imread(str(out / "case_clean_pa.png")).shape[0]
-    assert (out / "config.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["args"]["preds"] == str(fixture / "predictions_test.csv") and config["args"]["label"] == "Effusion"
+    assert config["checkpoint"]["labels"] == LABELS
 
 
 def test_without_view_column_nearest_cases_are_said_and_flagged(fixture, tmp_path, capsys):

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SIZE, run_main
+from conftest import ROOT, SIZE, run_main, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,10 @@ def test_one_class_split_gives_null_metrics_and_a_warning(bad, tmp_path, capsys)
     text = (tmp_path / "metrics_test.json").read_text()
     metrics = json.loads(text)
     assert metrics["per_class"]["Cardiomegaly"]["auroc"] is None
-    assert metrics["per_class"]["Cardiomegaly"]["f1@0.5"] is None or metrics["per_class"]["Cardiomegaly"]["n_pos"] == 0
+    assert metrics["per_class"]["Cardiomegaly"]["n_pos"] == 0
+    # no positive: F1 is 0 when the model calls any image positive, undefined (null) when none
+    called = (pd.read_csv(tmp_path / "predictions_test.csv")["Cardiomegaly_prob"] >= 0.5).any()
+    assert metrics["per_class"]["Cardiomegaly"]["f1@0.5"] == (0.0 if called else None)
     assert "NaN" not in text
     defined = [metrics["per_class"][lbl]["auroc"] for lbl in ("Edema", "Effusion")]
     assert metrics["macro"]["auroc"] == pytest.approx(sum(defined) / 2)
@@ -147,19 +150,13 @@ def test_one_class_split_gives_null_metrics_and_a_warning(bad, tmp_path, capsys)
 
 # ====== interrupted training ======
 
-def _train_args(demo, out, epochs=2):
-    root, csv = demo
-    return ["train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", epochs, "--pretrained",
-            "none", "--precision", "fp32", "--batch-size", 16, "--num-workers", 0, "--outdir", out]
-
-
 def test_killed_training_resumes_to_the_same_result(demo, trained, tmp_path):
     """SIGKILL during epoch 2, then --resume: the log and best.pt equal those of the uninterrupted
     run with the same arguments (the ``trained`` fixture)."""
     full = trained
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, _train_args(demo, killed))],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, killed))],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed / "last.pt").exists():
@@ -168,7 +165,7 @@ def test_killed_training_resumes_to_the_same_result(demo, trained, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
-    assert run_main(*_train_args(demo, killed), "--resume") == 0
+    assert run_main(*train_argv(demo, killed), "--resume") == 0
     a, b = pd.read_csv(full / "train_log.csv"), pd.read_csv(killed / "train_log.csv")
     cols = ["epoch", "train_loss", "val_loss", "val_macro_auroc"]
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-5)
@@ -183,7 +180,7 @@ def test_ctrl_c_stops_cleanly_with_one_line(demo, tmp_path):
     out = tmp_path / "int"
     # A shell starts background jobs with SIGINT ignored and children inherit that; this run gets
     # the default disposition so the test holds however the suite itself was started.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, _train_args(demo, out, epochs=20))],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, out, epochs=20))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
