@@ -110,12 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", parents=[common], formatter_class=Formatter,
                          help="temperature scaling, ECE, reliability diagrams, MC-Dropout, TTA")
-    uncertainty_flags(cal)
+    uncertainty_flags(cal, reuse=True)
     cal.add_argument("--per-label", action="store_true", help="one temperature per label")
 
     sel = sub.add_parser("selective", parents=[common], formatter_class=Formatter,
                          help="risk-coverage, AURC and coverage at target risks")
-    uncertainty_flags(sel)
+    uncertainty_flags(sel, reuse=True)
     sel.add_argument("--confidence", choices=["maxprob", "calibrated", "mc_std", "tta_std", "all"],
                      default="maxprob", help="what ranks the decisions (lower spread = more confident)")
     sel.add_argument("--per-label", action="store_true", help="one temperature per label for 'calibrated'")
@@ -126,20 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the whole suite on a labelled CSV or an unlabelled folder, with report.html")
     vt.add_argument("--image-dir", help="unlabelled folder, searched recursively for png/jpg/jpeg")
     slicing_flags(vt)
-    uncertainty_flags(vt)
+    uncertainty_flags(vt, reuse=False)
     vt.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     return parser
 
 
-def uncertainty_flags(parser) -> None:
+def uncertainty_flags(parser, reuse: bool) -> None:
+    """``reuse``: also --test-split and --predictions (calibrate and selective; valtool reports
+    --split from its own clean pass)."""
     group = parser.add_argument_group("calibration and uncertainty")
     group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
-    group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
+    if reuse:
+        group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
     group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
     group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
-    group.add_argument("--predictions", nargs="+", default=None,
-                       help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
+    if reuse:
+        group.add_argument("--predictions", nargs="+", default=None,
+                           help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
 
 
 # ====== train ======
