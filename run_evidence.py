@@ -74,20 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ====== data evidence: prevalence ======
 
-def split_order(df: pd.DataFrame) -> list[str]:
-    """Splits present, train/val/test first, then any others alphabetically ([] without a split column)."""
-    if "split" not in df.columns:
-        return []
-    present = set(df["split"].dropna().astype(str))
-    known = [s for s in ("train", "val", "test") if s in present]
-    return known + sorted(present - set(known))
-
-
 def prevalence_table(df: pd.DataFrame, labels) -> pd.DataFrame:
     """One row per (split, label): ``n`` = rows whose label is known (not NaN), ``n_pos`` = rows
     with label 1, ``prevalence`` = n_pos / n (NaN when n = 0); the last block is split "all"."""
+    from tools.check_data import split_order
+
     rows = []
-    blocks = [(s, df[df["split"].astype(str) == s]) for s in split_order(df)] + [("all", df)]
+    names = split_order(df["split"].dropna().astype(str)) if "split" in df.columns else []
+    blocks = [(s, df[df["split"].astype(str) == s]) for s in names] + [("all", df)]
     for split, part in blocks:
         for label in labels:
             values = part[label].to_numpy(dtype=float)
