@@ -458,11 +458,11 @@ def _body(x, y, anatomy: dict):
     return _soft(hw - u, 0.004) * (0.35 + 0.65 * np.sqrt(np.clip(1.0 - (u / hw) ** 2, 0.0, None)))
 
 
-def _lung(x, y, side: int, anatomy: dict, inspiration: float, floor):
+def _lung(x, y, side: int, anatomy: dict, lateral, floor):
     """(mask, air): soft lung-field mask of one side and its air content (thinner at the edges);
-    ``floor`` is that side's diaphragm height at each pixel."""
+    ``lateral`` is :func:`lung_lateral` and ``floor`` that side's diaphragm height at each pixel."""
     u = side * (x - anatomy["x_m"])
-    d_lat = lung_lateral(y, anatomy, inspiration) - u
+    d_lat = lateral - u
     knob = anatomy["aortic_knob"] * np.exp(-((y - 0.29) / 0.035) ** 2) if side > 0 else 0.0
     d_med = u - (anatomy["mediastinum"] + knob)
     d_top = y - (anatomy["y_apex"] + 5.0 * (u - anatomy["u_apex"]) ** 2)
@@ -589,13 +589,13 @@ def _perihilar(x, y, hila: dict):
     return shape
 
 
-def _lateral_basal(x, y, anatomy: dict, inspiration: float):
-    """A soft band along the lateral lung border of the lower zones (both sides), peak 1: the
-    region the Kerley-B-like lines occupy."""
+def _lateral_basal(x, y, anatomy: dict, inspiration: float, lateral):
+    """A soft band along the lateral lung border (``lateral``, :func:`lung_lateral`) of the lower
+    zones (both sides), peak 1: the region the Kerley-B-like lines occupy."""
     band = np.zeros_like(x)
     for side in (-1, 1):
         u = side * (x - anatomy["x_m"])
-        inset = lung_lateral(y, anatomy, inspiration) - 0.03 - u
+        inset = lateral - 0.03 - u
         bottom = _costophrenic_y(anatomy, side, inspiration) - 0.03
         rows = _soft(y - 0.5 - inspiration, 0.02) * _soft(bottom - y, 0.02)
         band += np.exp(-0.5 * (inset / 0.02) ** 2) * rows
@@ -619,8 +619,9 @@ def _attenuation(phantom: dict, size: int) -> np.ndarray:
 
     lung_total, air_total = np.zeros_like(x), np.zeros_like(x)
     fluid_total = np.zeros_like(x)
+    lateral = lung_lateral(y, a_, insp)  # the same border for both lungs and the basal band
     for side in (-1, 1):
-        mask, air = _lung(x, y, side, a_, insp, floors[side])
+        mask, air = _lung(x, y, side, a_, lateral, floors[side])
         for eff in phantom["effusions"]:
             if eff["side"] == side:
                 fluid = _effusion_fluid(x, y, eff, a_, insp)
@@ -643,7 +644,7 @@ def _attenuation(phantom: dict, size: int) -> np.ndarray:
         mu -= att["gastric"] * _gastric_bubble(x, y, x_m, _dome_y(a_, 1, insp))
     haze = phantom["perihilar_density"] + (phantom["edema"]["haze"] if phantom["edema"] else 0.0)
     mu += haze * _perihilar(x, y, a_["hila"]) * lung_total
-    mu += phantom["lateral_basal_density"] * _lateral_basal(x, y, a_, insp) * lung_total
+    mu += phantom["lateral_basal_density"] * _lateral_basal(x, y, a_, insp, lateral) * lung_total
     if phantom["edema"] is not None:
         lines = _draw_segments(phantom["edema"]["lines"], phantom["pose"], size, 1.0)
         mu += lines * lung_total * (1.0 - fluid_total)
