@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.gradcam import feature_map, gradcam, overlay
+from tools.gradcam import gradcam, overlay
+from tools.model import feature_map
 from tools.model import build_model
 
 H, W = 64, 96  # feature map 2 x 3: rows and columns are distinguishable

@@ -22,16 +22,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tools.model import head, unwrap
+from tools.model import feature_map, head, pool, unwrap
 
 OVERLAY_ALPHA = 0.4
-
-
-def feature_map(model, x: torch.Tensor) -> torch.Tensor:
-    """ReLU(features(x)): the (B, 1024, H/32, W/32) map that DenseNet average-pools for its head."""
-    return F.relu(unwrap(model).features(x))
 
 
 def gradcam(model, x: torch.Tensor, label_index: int) -> np.ndarray:
@@ -56,7 +50,7 @@ def gradcam(model, x: torch.Tensor, label_index: int) -> np.ndarray:
             fmap = feature_map(net, x.to(device))
         fmap = fmap.float().detach().requires_grad_(True)
         with torch.enable_grad():
-            pooled = torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+            pooled = pool(fmap)
             logit = head(net)(pooled)[0, int(label_index)]
             (grad,) = torch.autograd.grad(logit, fmap)
     finally:

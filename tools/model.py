@@ -73,10 +73,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ReLU(features(x)): the (B, 1024, H/32, W/32) map that DenseNet average-pools for its head."""
+    return F.relu(unwrap(model).features(x))
+
+
+def pool(fmap: torch.Tensor) -> torch.Tensor:
+    """(B, 1024) global average of a :func:`feature_map`: the head's input."""
+    return torch.flatten(F.adaptive_avg_pool2d(fmap, 1), 1)
+
+
 def backbone_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled 1024-d features: what DenseNet's forward computes before the classifier."""
-    model = unwrap(model)
-    return torch.flatten(F.adaptive_avg_pool2d(F.relu(model.features(x)), 1), 1)
+    return pool(feature_map(model, x))
 
 
 def load_weights(model: nn.Module, state: dict) -> None:
