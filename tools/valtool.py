@@ -109,7 +109,7 @@ def _case_studies(run, model) -> dict | None:
     label = args.case_label or args.labels[-1]
     if label not in args.labels:
         raise UserError(f"--case-label {label}: not one of the labels ({' '.join(args.labels)})")
-    case_args = Namespace(**{**vars(args), "outdir": str(run.outdir / "case_studies"), "label": label,
+    case_args = Namespace(**{**vars(args), "label": label,
                              "preds": str(run.outdir / "eval" / f"predictions_{args.split}.csv")})
     cases = case_studies(_stage(run, "case_studies"), model, case_args)["cases"]
     return {kind: {k: c[k] for k in ("figure", "image_path", "exact", "why_nearest")} for kind, c in cases.items()}
