@@ -13,71 +13,14 @@ import time
 
 import numpy as np
 
-from tools.cli import guarded
+from tools.cli import Formatter, common_parser, guarded, run_options, slicing_flags, uncertainty_flags
+from tools.corruptions import SEVERITIES
+from tools.errors import UserError
 
 log = logging.getLogger("cxr")
 
 
-
-class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where the help already explains a default that depends on context."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-# Kept in step with tools.corruptions.SEVERITIES (a test checks), so --help needs no heavy imports.
-CORRUPTION_NAMES = ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast")
-
-
 # ====== parser ======
-
-def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
-    """Flags shared by every subcommand (SPEC "Common flags"); ``outdir``: the default output
-    folder of a script with one job (the subcommands default to outputs/<command>)."""
-    parent = argparse.ArgumentParser(add_help=False)
-    data = parent.add_argument_group("data")
-    data.add_argument("--csv", help="input CSV (image_path, one 0/1 column per label, optional split, metadata)")
-    data.add_argument("--img-root", default=".", help="folder that image_path values are relative to")
-    data.add_argument("--labels", nargs="+", default=None,
-                      help="label columns (default: the checkpoint's with --weights, else Cardiomegaly Edema Effusion)")
-    data.add_argument("--split", default="test", help="which split's rows to use")
-    data.add_argument("--skip-bad-images", action="store_true",
-                      help="drop rows whose image cannot be decoded (with a warning and a count in config.json)")
-    data.add_argument("--cache-dir", default=None,
-                      help="decoded-image cache (default $CXR_CACHE_DIR or ~/.cache/cxr_suite)")
-    data.add_argument("--no-cache", action="store_true", help="keep decoded images in memory only")
-    model = parent.add_argument_group("model")
-    model.add_argument("--weights", help="checkpoint written by train (best.pt / last.pt)")
-    model.add_argument("--image-size", type=int, default=None,
-                       help="model input size in px (train: 224; other commands: the checkpoint's)")
-    run = parent.add_argument_group("run")
-    where = "%(default)s" if outdir else "outputs/<command>"
-    run.add_argument("--outdir", default=outdir, help=f"output folder (default {where})")
-    run.add_argument("--batch-size", type=int, default=None,
-                     help="batch size per process (train: 16; inference: 16 on the CPU, 64 on CUDA)")
-    run.add_argument("--num-workers", type=int, default=None,
-                     help="loader processes (default: spare cores, at most 8, to decode; none for passes over "
-                          "decoded pixels on the CPU)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
-    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                     help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
-    run.add_argument("--compile", action="store_true",
-                     help="torch.compile the backbone (long GPU runs; compiling costs time up front)")
-    run.add_argument("--seed", type=int, default=1337, help="seeds training, bootstrap, corruptions, MC and TTA draws")
-    run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return parent
-
-
-def slicing_flags(parser) -> None:
-    group = parser.add_argument_group("slicing")
-    group.add_argument("--group-col", nargs="+", default=[], help="metadata column(s) to slice metrics by")
-    group.add_argument("--min-group-size", type=int, default=30, help="groups smaller than this are flagged small")
-    group.add_argument("--bootstrap", type=int, default=1000,
-                       help="bootstrap resamples for 95%% intervals (patients when patient_id exists); 0 = off")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=Formatter)
@@ -103,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stress", parents=[common], formatter_class=Formatter,
                         help="metrics under noise, blur, JPEG, brightness/contrast at 3 severities")
-    st.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
+    st.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
     st.add_argument("--group-col", nargs="+", default=[], help="also write stress_by_<C>.csv per column")
     st.add_argument("--bootstrap", type=int, default=1000,
                     help="paired bootstrap resamples for the intervals of each drop (patients when patient_id exists); 0 = off")
@@ -127,103 +70,125 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--image-dir", help="unlabelled folder, searched recursively for png/jpg/jpeg")
     slicing_flags(vt)
     uncertainty_flags(vt, reuse=False)
-    vt.add_argument("--corruptions", nargs="+", choices=list(CORRUPTION_NAMES), default=list(CORRUPTION_NAMES))
+    vt.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     return parser
 
 
-def uncertainty_flags(parser, reuse: bool) -> None:
-    """``reuse``: also --test-split and --predictions (calibrate and selective; valtool reports
-    --split from its own clean pass)."""
-    group = parser.add_argument_group("calibration and uncertainty")
-    group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
-    if reuse:
-        group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
-    group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
-    group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
-    if reuse:
-        group.add_argument("--predictions", nargs="+", default=None,
-                           help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
+# ====== shared steps ======
+
+def start(args):
+    """The run of this command (output folder, device, config.json)."""
+    from tools.runtime import start_run
+
+    return start_run(**run_options(args, args.command))
+
+
+def model_and_data(run, args, splits):
+    """The checkpoint's model, its labels and image size, the input table, and ``splits`` loaded."""
+    from tools.model import load_checkpoint_model
+    from tools.splits import Source, load_split
+    from tools.table import check_group_columns, read_table
+
+    model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
+    labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
+    table = read_table(args.csv, labels)
+    check_group_columns(table, getattr(args, "group_col", ()), args.csv)
+    source = Source(args.csv, args.img_root, table)
+    data = [load_split(run, source, split, labels, image_size) for split in splits]
+    return model, labels, image_size, source, data
 
 
 # ====== train ======
 
 def cmd_train(args) -> None:
-    from tools.training import train
+    from tools.splits import Source
+    from tools.stages.train import Recipe, train
+    from tools.table import DEFAULT_LABELS, read_table
 
-    if args.image_size is None:
-        args.image_size = 224
-    if args.labels is None:
-        args.labels = ["Cardiomegaly", "Edema", "Effusion"]
-    train(args)
+    labels = args.labels or list(DEFAULT_LABELS)
+    image_size = args.image_size or 224
+    run = start(args)
+    recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
+                    pretrained=args.pretrained, batch_size=args.batch_size or Recipe.batch_size)
+    train(run, Source(args.csv, args.img_root, read_table(args.csv, labels)), labels, image_size, recipe,
+          fractions=args.auto_split, resume=args.resume)
 
 
 # ====== eval ======
 
 def cmd_eval(args) -> None:
-    from tools import pipeline, reports
+    from tools.inference import clean_pass
+    from tools.stages.evaluate import write_evaluation
 
-    run = pipeline.start_run(args)
-    model, _ = pipeline.load_checkpoint_model(run)
-    table = pipeline.read_input_table(args)
-    data = pipeline.load_split(run, table, args.split)
-    logits = pipeline.clean_pass(run, model, data)["logits"]
-    reports.write_evaluation(run, data, logits)
+    run = start(args)
+    model, labels, _, _, (data,) = model_and_data(run, args, [args.split])
+    logits = clean_pass(run, model, data)["logits"]
+    write_evaluation(run, data, logits, labels, args.group_col, args.min_group_size, args.bootstrap)
 
 
 # ====== stress ======
 
 def cmd_stress(args) -> None:
-    from tools import pipeline, stress
+    from tools.inference import clean_pass, corrupted_logits
+    from tools.stages.stress import write_stress
 
-    run = pipeline.start_run(args)
-    model, _ = pipeline.load_checkpoint_model(run)
-    data = pipeline.load_split(run, pipeline.read_input_table(args), args.split)
-    clean_logits = pipeline.clean_pass(run, model, data, desc="clean")["logits"]
-    results = stress.corrupted_logits(run, model, data, args.corruptions)
-    stress.write_stress(run, data, clean_logits, results)
+    run = start(args)
+    model, labels, _, _, (data,) = model_and_data(run, args, [args.split])
+    clean_logits = clean_pass(run, model, data, desc="clean")["logits"]
+    results = corrupted_logits(run, model, data, args.corruptions)
+    write_stress(run, data, clean_logits, results, labels, args.group_col, args.bootstrap)
 
 
 # ====== calibrate ======
 
 def cmd_calibrate(args) -> None:
-    from tools import pipeline, reports, uncertainty
-    from tools.calibration import fit_temperature
+    from tools.predictions import split_logits
+    from tools.stages.calibrate import fitted_temperature, spread, write_calibration
 
-    run = pipeline.start_run(args)
-    model, _ = pipeline.load_checkpoint_model(run)
-    table = pipeline.read_input_table(args)
-    test = pipeline.load_split(run, table, args.test_split or args.split)
-    val = pipeline.load_split(run, table, args.val_split)
+    run = start(args)
+    model, labels, image_size, source, (test,) = model_and_data(run, args, [args.test_split or args.split])
     # ====== one clean pass per split; backbone features kept for MC-Dropout ======
-    test_out = pipeline.split_logits(run, model, test, features=args.mc_samples > 0, desc="test")
-    val_logits = pipeline.split_logits(run, model, val, desc="val")["logits"]
-    temperature = fit_temperature(val_logits, val.y, per_label=args.per_label)
-    mc, tta = uncertainty.spread(run, model, test, test_out.get("features"), test.y)
-    reports.write_calibration(run, test, test_out["logits"], temperature, mc, tta, fitted_on=args.val_split)
+    test_out = split_logits(run, model, test, args.predictions, labels, features=args.mc_samples > 0, desc="test")
+    temperature = fitted_temperature(run, model, source, args.val_split, labels, image_size, args.per_label,
+                                     args.predictions)
+    mc, tta = spread(run, model, test, test_out.get("features"), labels, args.mc_samples, args.tta_samples)
+    write_calibration(run, test, test_out["logits"], labels, temperature, mc, tta, fitted_on=args.val_split)
 
 
 # ====== selective ======
 
 def cmd_selective(args) -> None:
-    from tools import pipeline, reports, signals
+    from tools.model import read_checkpoint
+    from tools.stages.selective import SIGNALS, from_calibrated_csv, signals_from_model, write_selective
 
-    run = pipeline.start_run(args)
-    wanted = ["maxprob", "calibrated", "mc_std", "tta_std"] if args.confidence == "all" else [args.confidence]
+    run = start(args)
+    wanted = list(SIGNALS) if args.confidence == "all" else [args.confidence]
     if args.calibrated:
-        data, probs, signals = signals.from_calibrated_csv(run, args.calibrated, wanted)
+        labels = args.labels or (list(read_checkpoint(args.weights)["labels"]) if args.weights else None)
+        if not labels:
+            raise UserError("--calibrated needs --labels (or --weights to read them from the checkpoint)")
+        data, probs, signals = from_calibrated_csv(args.calibrated, labels, wanted)
     else:
-        data, probs, signals = signals.from_model(run, wanted)
-    reports.write_selective(run, data, probs, signals, primary=wanted[0])
+        split = args.test_split or args.split
+        model, labels, image_size, source, (data,) = model_and_data(run, args, [split])
+        probs, signals = signals_from_model(run, model, source, data, labels, image_size, wanted, args.val_split,
+                                            args.per_label, args.mc_samples, args.tta_samples, args.predictions)
+    write_selective(run, data, probs, labels, signals, primary=wanted[0])
 
 
 # ====== valtool ======
 
 def cmd_valtool(args) -> None:
-    from tools import pipeline, valtool
+    from tools.valtool import ValtoolOptions, run_valtool
 
-    run = pipeline.start_run(args)
-    valtool.run_valtool(run)
+    run = start(args)
+    opts = ValtoolOptions(weights=args.weights, csv=args.csv, image_dir=args.image_dir, img_root=args.img_root,
+                          labels=args.labels, image_size=args.image_size, split=args.split, val_split=args.val_split,
+                          group_cols=args.group_col, min_group_size=args.min_group_size, bootstrap=args.bootstrap,
+                          mc_samples=args.mc_samples, tta_samples=args.tta_samples, corruptions=args.corruptions,
+                          case_label=args.case_label)
+    run_valtool(run, opts, compile=args.compile)
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stress": cmd_stress, "calibrate": cmd_calibrate,
@@ -238,7 +203,7 @@ def main(argv=None) -> int:
     quiet = int(os.environ.get("RANK", "0")) > 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
-    start, status = time.perf_counter(), None
+    start_time, status = time.perf_counter(), None
     try:
         status = guarded(f"main.py {args.command}", COMMANDS[args.command], args, args.outdir)
     finally:
@@ -247,7 +212,7 @@ def main(argv=None) -> int:
         distributed.shutdown(succeeded=status == 0)
     if status:
         return status
-    log.info("%s done in %.1f s -> %s", args.command, time.perf_counter() - start, args.outdir)
+    log.info("%s done in %.1f s -> %s", args.command, time.perf_counter() - start_time, args.outdir)
     return 0
 
 

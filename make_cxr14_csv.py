@@ -28,7 +28,7 @@ from tabulate import tabulate
 
 from tools.cli import guarded
 from tools.errors import UserError
-from tools.io import write_csv
+from tools.files import write_csv
 
 PROG = "make_cxr14_csv.py"
 

@@ -8,11 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from make_case_studies import main, pick_case, read_predictions
+from make_case_studies import main
 from tools.corruptions import apply_corruption
-from tools.data import letterbox, load_image, to_model_input
+from tools.dataset import letterbox, load_image
+from tools.model import to_model_input
 from tools.errors import UserError
-from tools.io import save_torch
+from tools.files import save_torch
+from tools.predictions import read_predictions
+from tools.stages.case_studies import pick_case
 from tools.model import build_model, checkpoint_dict, load_model
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]

@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
+from tools.figures import plot_corruption_examples
 from tools.corruptions import (
     CORRUPTIONS,
     PARAM_NAMES,
     SEVERITIES,
     apply_corruption,
     image_rng,
-    plot_corruption_examples,
 )
 
 REPO = Path(__file__).resolve().parents[1]

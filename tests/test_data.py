@@ -1,4 +1,4 @@
-"""tools/data.py and tools/cache.py: the input contract (SPEC "Input CSV"), image decoding,
+"""tools/table.py, tools/dataset.py and tools/cache.py: the input contract (SPEC "Input CSV"), image decoding,
 letterboxing, patient-grouped splits, the dataset items, seeded augmentation and the pixel cache."""
 import os
 import signal
@@ -12,19 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from tools import cache, data
-from tools.data import (
-    CXRDataset,
-    SeededAugment,
-    auto_split,
-    check_images_exist,
-    content_stats,
-    letterbox,
-    load_image,
-    read_raw,
-    read_table,
-    select_split,
-)
+from tools import cache, dataset
+from tools.dataset import CXRDataset, SeededAugment, content_stats, letterbox, load_image, read_raw
+from tools.table import auto_split, check_images_exist, read_table, select_split
 from tools.errors import UserError
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
@@ -334,7 +324,7 @@ def test_build_store_disk_cache_is_built_once_and_reused(tmp_path, three_images,
     def no_decoding(path):
         raise AssertionError("the second build must read the cache, not decode")
 
-    monkeypatch.setattr(data, "load_image", no_decoding)
+    monkeypatch.setattr(dataset, "load_image", no_decoding)
     second = cache.build_store(three_images, 20, cache_dir=cache_dir, progress=False)
     assert second.path == first.path and second.bad == []
     for i in range(3):
@@ -380,7 +370,7 @@ def test_content_stats_exclude_letterbox_padding_only(shape):
 
 def test_image_quality_measures_intensity_over_the_same_content(tmp_path):
     """valtool's per-image intensity uses the same padding rule: zeros inside the film count."""
-    from tools.valtool import image_quality
+    from tools.image_stats import image_quality
 
     film = np.random.default_rng(4).integers(1, 256, size=(40, 64)).astype(np.uint8)
     film[5:25, 5:25] = 0
@@ -397,7 +387,7 @@ def test_image_quality_measures_intensity_over_the_same_content(tmp_path):
 
 WORKERS_AFTER_OPENCV_POOL = """
 import cv2, numpy as np, torch
-from tools.engine import make_loader
+from tools.dataset import make_loader
 image = np.random.default_rng(0).integers(0, 255, (512, 512), dtype=np.uint8)
 for _ in range(10):  # the parent starts OpenCV's thread pool before the workers are forked
     cv2.GaussianBlur(cv2.resize(image, (1024, 1024)), (9, 9), 0)

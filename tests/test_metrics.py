@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
 
-from tools.io import write_json
+from tools.files import write_json
 from tools.metrics import (
     METRICS,
     binary_metrics,

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tools.errors import UserError
-from tools.report import NOTICE, fmt, fmt_ci, label_groups, rank_problems, write_report
+from tools.html_report import NOTICE, fmt, fmt_ci, label_groups, rank_problems, write_report
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 XSS = "<script>alert(1)</script>"

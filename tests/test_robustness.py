@@ -166,14 +166,65 @@ def test_killed_training_resumes_to_the_same_result(demo, trained, tmp_path):
     proc.wait()
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
     assert run_main(*train_argv(demo, killed), "--resume") == 0
-    a, b = pd.read_csv(full / "train_log.csv"), pd.read_csv(killed / "train_log.csv")
+    _same_result(full, killed)
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the run handles it."""
+
+
+def _same_result(full, resumed):
+    a, b = pd.read_csv(full / "train_log.csv"), pd.read_csv(resumed / "train_log.csv")
     cols = ["epoch", "train_loss", "val_loss", "val_macro_auroc"]
     pd.testing.assert_frame_equal(a[cols], b[cols], rtol=1e-5)
     best_a = torch.load(full / "best.pt", weights_only=True)
-    best_b = torch.load(killed / "best.pt", weights_only=True)
+    best_b = torch.load(resumed / "best.pt", weights_only=True)
     assert best_a["epoch"] == best_b["epoch"]
     for key, value in best_a["model"].items():
         assert torch.allclose(value.float(), best_b["model"][key].float(), atol=1e-5), key
+
+
+def test_training_killed_at_each_step_of_a_save_resumes_to_the_same_result(demo, trained, tmp_path, capsys):
+    """A kill before each file write of each epoch's save (last.pt, best.pt, train_log.csv,
+    training_curves.png; a write itself is atomic, so a kill inside one equals a kill before it),
+    then --resume: the log and best.pt equal the uninterrupted run's. Before the first last.pt
+    exists there is nothing to resume, and --resume says so."""
+    import tools.stages.train as stage
+
+    steps_seen = []
+    for step in range(1, 10):
+        out = tmp_path / f"step{step}"
+        calls = []
+
+        def wrap(write):
+            def killing(*args, **kwargs):
+                calls.append(write.__name__)
+                if len(calls) == step:
+                    raise Killed
+                return write(*args, **kwargs)
+            return killing
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(stage, "save_torch", wrap(stage.save_torch))
+            patch.setattr(stage, "write_csv", wrap(stage.write_csv))
+            patch.setattr(stage.figures, "training_curves", wrap(stage.figures.training_curves))
+            try:
+                run_main(*train_argv(demo, out))
+            except Killed:
+                steps_seen.append(calls[-1])
+            else:
+                break  # every step of both epochs has been interrupted once
+        if not (out / "last.pt").exists():
+            assert step == 1
+            capsys.readouterr()
+            assert run_main(*train_argv(demo, out), "--resume") == 2
+            assert "last.pt not found; run train without --resume first" in capsys.readouterr().err
+            continue
+        assert run_main(*train_argv(demo, out), "--resume") == 0
+        _same_result(trained, out)
+    # epoch 1 always improves (4 writes); epoch 2 writes best.pt only when it improves
+    assert steps_seen[:4] == ["save_torch", "save_torch", "write_csv", "training_curves"]
+    assert len(steps_seen) in (7, 8) and steps_seen[4] == "save_torch" and steps_seen[-1] == "training_curves"
 
 
 def test_ctrl_c_stops_cleanly_with_one_line(demo, tmp_path):

@@ -12,12 +12,13 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
-from run_evidence import THRESHOLDS, main, threshold_sweep
-from tools.data import CXRDataset, resolve_paths
-from tools.engine import make_loader, predict, prepare_model
-from tools.io import NOTICE, save_torch, write_json
-from tools.metrics import sigmoid
-from tools.model import build_model, checkpoint_dict
+from run_evidence import main
+from tools.dataset import CXRDataset, make_loader
+from tools.inference import predict
+from tools.files import NOTICE, save_torch, write_json
+from tools.metrics import THRESHOLDS, sigmoid, threshold_sweep
+from tools.model import build_model, checkpoint_dict, prepare_model
+from tools.table import resolve_paths
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 SIZE = 64
@@ -60,7 +61,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope="module")
 def probabilities(fixture):
     """Sigmoid probabilities of the split's rows from the model that was saved as the checkpoint,
-    through tools.engine.predict on films decoded from the files (no image store, no checkpoint
+    through tools.inference.predict on films decoded from the files (no image store, no checkpoint
     loading, no run_evidence code). One batch, the shape run_evidence used, so the CPU kernels
     chosen for it are reused."""
     df = fixture["table"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from tools import selective as sel
+from tools.figures import plot_risk_coverage
 
 
 def random_decisions(n, seed, n_levels=None):
@@ -212,7 +213,7 @@ def test_plot_risk_coverage_writes_a_png_atomically(tmp_path):
     curves = {"maxprob": sel.risk_coverage(conf, correct),
               "reversed": sel.risk_coverage(-conf, correct)}
     out = tmp_path / "risk_coverage_test.png"
-    sel.plot_risk_coverage(curves, out, "test split", oracle=sel.oracle_curve(correct),
+    plot_risk_coverage(curves, out, "test split", oracle=sel.oracle_curve(correct),
                            random_risk=1 - correct.mean())
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [f.name for f in tmp_path.iterdir()] == [out.name]

@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import copy
 import io
-import logging
 import math
 import os
 import platform
@@ -146,12 +145,12 @@ class TimedLoader:
 @contextlib.contextmanager
 def patched_predict(wrap):
     """Within the block, model passes run through ``wrap(predict)``: every pass of the suite goes
-    through ``tools.pipeline.clean_pass``, which calls the ``predict`` that module imported."""
+    through ``tools.inference.clean_pass``, which calls that module's ``predict``."""
     from unittest import mock
 
-    from tools import pipeline
+    from tools import inference
 
-    with mock.patch.object(pipeline, "predict", wrap(pipeline.predict)):
+    with mock.patch.object(inference, "predict", wrap(inference.predict)):
         yield
 
 
@@ -192,7 +191,7 @@ def cpu_model() -> str:
 
 
 def machine_info(device: torch.device, precision: str) -> dict:
-    from tools.engine import cpu_has_bf16
+    from tools.runtime import cpu_has_bf16
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
@@ -255,7 +254,7 @@ def busy_warning(items: dict, idle_share: float | None, limit: float = 0.2) -> s
 def make_films(demo_csv: Path, out_dir: Path, n: int, size: int) -> Path:
     """:func:`write_films` in a fresh (spawned) process. Upscaling to 1024 px starts OpenCV's
     thread pool, and a loader worker forked from a process whose pool has started hangs when
-    ``tools.engine.worker_init`` calls ``cv2.setNumThreads``; the bench's own process must not
+    ``tools.dataset.worker_init`` calls ``cv2.setNumThreads``; the bench's own process must not
     start it before the suite forks its workers."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -270,7 +269,7 @@ def write_films(demo_csv: Path, out_dir: Path, n: int, size: int) -> Path:
     import cv2
     import pandas as pd
 
-    from tools.io import write_csv
+    from tools.files import write_csv
 
     demo = pd.read_csv(demo_csv)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -291,33 +290,26 @@ def chunk_rows(n: int, size: int) -> list[np.ndarray]:
     return [np.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def suite_args(csv, image_size: int, cache_dir, seed: int, batch_size=None) -> argparse.Namespace:
-    """The arguments ``tools.pipeline`` reads, as main.py's parser would give them."""
-    return argparse.Namespace(csv=str(csv), img_root=str(Path(csv).parent), labels=list(LABELS),
-                              image_size=int(image_size), cache_dir=str(cache_dir), no_cache=False,
-                              skip_bad_images=False, num_workers=None, batch_size=batch_size,
-                              seed=int(seed), split=None)
-
-
 class Bench:
     """What the items share: the device, the precision, the options and the temp folder."""
 
     def __init__(self, opts, tmp: Path, device: torch.device, precision: str):
         self.opts, self.tmp, self.device, self.precision = opts, tmp, device, precision
 
-    def run(self, csv, cache: str, batch_size=None):
-        from tools.pipeline import Run
+    def run(self, cache: str, batch_size=None):
+        from tools.runtime import Run
 
-        args = suite_args(csv, self.opts.image_size, self.tmp / "cache" / cache, self.opts.seed, batch_size)
-        return Run(args, self.tmp / "out", self.device, self.precision)
+        return Run(self.tmp / "out", self.device, self.precision, self.opts.seed, batch_size=batch_size,
+                   cache_dir=self.tmp / "cache" / cache)
 
     def split(self, csv, cache: str, batch_size=None):
         """(run, SplitData, seconds to build or open the store) for all of ``csv``'s rows."""
-        from tools import pipeline
+        from tools.splits import Source, load_split
+        from tools.table import read_table
 
-        run = self.run(csv, cache, batch_size)
-        table = pipeline.read_input_table(run.args)
-        data, seconds = timed(lambda: pipeline.load_split(run, table, None), self.device)
+        run = self.run(cache, batch_size)
+        source = Source(str(csv), str(Path(csv).parent), read_table(csv, LABELS))
+        data, seconds = timed(lambda: load_split(run, source, None, LABELS, self.opts.image_size), self.device)
         return run, data, seconds
 
 
@@ -355,7 +347,8 @@ def plain_predict(model, paths, image_size: int, batch_size: int, device: torch.
     float32 on the host, fp32 NCHW model under ``no_grad``. Returns logits (N, L)."""
     import cv2
 
-    from tools.data import IMAGENET_MEAN, IMAGENET_STD, letterbox
+    from tools.dataset import letterbox
+    from tools.model import IMAGENET_MEAN, IMAGENET_STD
 
     mean = np.array(IMAGENET_MEAN, np.float32).reshape(1, 3, 1, 1)
     std = np.array(IMAGENET_STD, np.float32).reshape(1, 3, 1, 1)
@@ -380,9 +373,9 @@ def target(value: float, op: str, bound: float) -> dict:
 def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
     """1. The suite's predict against a plain fp32 loop on the same images, interleaved by chunks
     of whole batches of both; also the suite at the plain loop's batch size where that differs."""
-    from tools.engine import prepare_model
+    from tools.inference import clean_pass
     from tools.metrics import compute_metrics, sigmoid
-    from tools.pipeline import clean_pass
+    from tools.model import prepare_model
 
     run, data, build_s = b.split(csv, "demo")
     base = bench_model(b.opts.seed)
@@ -394,15 +387,15 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
     fit_head(fast, warm["features"][fit_rows], data.y[fit_rows])
     plain.classifier.load_state_dict(fast.classifier.state_dict())
     # a chunk holds whole batches of both sides, so neither runs a cut-short batch inside it
-    parts = [data.subset(rows) for rows in chunk_rows(len(data.paths), math.lcm(run.batch_size, b.opts.batch_size))]
+    parts = [data.subset(rows) for rows in chunk_rows(len(data.paths), math.lcm(run.inference_batch, b.opts.batch_size))]
     out = {"fast": [None] * len(parts), "plain": [None] * len(parts)}
     sides = {
         "predict": lambda k: out["fast"].__setitem__(k, clean_pass(run, fast, parts[k], desc="predict")["logits"]),
         "plain": lambda k: out["plain"].__setitem__(k, plain_predict(plain, parts[k].paths, b.opts.image_size,
                                                                      b.opts.batch_size, b.device)),
     }
-    if run.batch_size != b.opts.batch_size:
-        small = b.run(csv, "demo", batch_size=b.opts.batch_size)  # the suite at the plain loop's batch size
+    if run.inference_batch != b.opts.batch_size:
+        small = b.run("demo", batch_size=b.opts.batch_size)  # the suite at the plain loop's batch size
         sides["predict_small_batch"] = lambda k: clean_pass(small, fast, parts[k],
                                                             desc=f"predict b{b.opts.batch_size}")
     for fn in sides.values():  # every batch shape once: the first and the last chunk
@@ -420,7 +413,7 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
               "decisions_agree": float(((logits["fast"] >= 0) == (logits["plain"] >= 0)).mean()),
               "head": "fitted on the even rows' features; AUROC on the odd rows; only the difference matters"}
     result = {"name": "predict vs plain loop", "images": n, "image_size": b.opts.image_size, "precision": b.precision,
-              "suite": f"cached uint8, {b.precision}, channels_last, inference_mode, batch {run.batch_size}",
+              "suite": f"cached uint8, {b.precision}, channels_last, inference_mode, batch {run.inference_batch}",
               "plain": f"cv2 PNG decode each time, float normalise, fp32 NCHW, no_grad, batch {b.opts.batch_size}",
               "predict_img_s": n / median(times["predict"]), "plain_img_s": n / median(times["plain"]),
               "ratio": ratio, **target(ratio, ">=", 2.5), "sanity": sanity, "chunks": len(parts),
@@ -435,7 +428,7 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
 def data_wait(b: Bench, csv: Path, model, cache: str, batch_size=None) -> dict:
     """One load_split + clean pass with the loader timed; the store's build/open time counts as
     waiting, since the model cannot start before it."""
-    from tools.pipeline import clean_pass
+    from tools.inference import clean_pass
 
     record = []
     run, data, store_s = b.split(csv, cache, batch_size)
@@ -468,11 +461,10 @@ def item_data_wait(b: Bench, csv: Path, model) -> dict:
 def item_mc_dropout(b: Bench, csv: Path, model) -> dict:
     """3. Clean pass with features + 30 MC-Dropout head samples against a clean pass alone,
     interleaved by chunks of one inference batch (the head sampled per chunk)."""
-    from tools.engine import mc_dropout_logits
-    from tools.pipeline import clean_pass
+    from tools.inference import clean_pass, mc_dropout_logits
 
     run, data, _ = b.split(csv, "demo")
-    parts = [data.subset(rows) for rows in chunk_rows(len(data.paths), run.batch_size)]
+    parts = [data.subset(rows) for rows in chunk_rows(len(data.paths), run.inference_batch)]
     mc = []
 
     def with_mc(k):
@@ -495,22 +487,24 @@ def item_stress(b: Bench, csv: Path, model) -> dict:
     corruption's three severities), each group followed by one naive and one cached pass; each
     group is compared with the passes next to it in time:
     ratio = sum of group times / sum of (passes in group x the naive pass after it)."""
-    from tools import pipeline, stress
+    from dataclasses import replace
+
     from tools.corruptions import SEVERITIES
+    from tools.inference import Corrupt, clean_pass, corrupted_logits
 
     run, data, _ = b.split(csv, "films-warm")
-    naive = pipeline.SplitData(data.name, data.df, data.paths, data.y, None)
-    pipeline.clean_pass(run, model, naive, desc="warm-up")
+    naive = replace(data, store=None)
+    clean_pass(run, model, naive, desc="warm-up")
     for name in SEVERITIES:  # first calls import albumentations and build its transforms
         for severity in (1, 2, 3):
-            stress.Corrupt(name, severity, b.opts.seed)(data.store[0], 0)
-    groups = [(1, lambda: pipeline.clean_pass(run, model, data, desc="clean"))]
-    groups += [(3, lambda name=name: stress.corrupted_logits(run, model, data, [name])) for name in SEVERITIES]
+            Corrupt(name, severity, b.opts.seed)(data.store[0], 0)
+    groups = [(1, lambda: clean_pass(run, model, data, desc="clean"))]
+    groups += [(3, lambda name=name: corrupted_logits(run, model, data, [name])) for name in SEVERITIES]
     stress_s, naive_s, cached_s = [], [], []
     for _, group in groups:
         stress_s.append(timed(group, b.device)[1])
-        naive_s.append(timed(lambda: pipeline.clean_pass(run, model, naive, desc="naive"), b.device)[1])
-        cached_s.append(timed(lambda: pipeline.clean_pass(run, model, data, desc="cached"), b.device)[1])
+        naive_s.append(timed(lambda: clean_pass(run, model, naive, desc="naive"), b.device)[1])
+        cached_s.append(timed(lambda: clean_pass(run, model, data, desc="cached"), b.device)[1])
     passes = [p for p, _ in groups]
     total = sum(stress_s)
     vs_naive = total / sum(p * t for p, t in zip(passes, naive_s))
@@ -523,27 +517,26 @@ def item_stress(b: Bench, csv: Path, model) -> dict:
 
 
 def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
-    """5. main.py valtool in-process; passes of the model over the test split, counted."""
-    from main import main as cli
+    """5. valtool in-process; passes of the model over the test split, counted."""
     from tools.corruptions import SEVERITIES
-    from tools.data import read_table, resolve_paths, select_split
-    from tools.io import read_json, save_torch
+    from tools.files import read_json, save_torch
     from tools.model import checkpoint_dict
+    from tools.runtime import Run
+    from tools.table import read_table, resolve_paths, select_split
+    from tools.valtool import ValtoolOptions, run_valtool
 
     weights, out = b.tmp / "bench.pt", b.tmp / "valtool"
     save_torch(checkpoint_dict(model, LABELS, b.opts.image_size, 0.2, 0, None), weights)
     test_paths = resolve_paths(select_split(read_table(csv, LABELS), "test", csv), csv.parent)
     counts = {"split": 0, "other": 0}
-    argv = ["valtool", "--csv", csv, "--img-root", csv.parent, "--weights", weights, "--outdir", out,
-            "--cache-dir", b.tmp / "cache" / "valtool", "--tta-samples", VALTOOL_TTA, "--mc-samples", VALTOOL_MC,
-            "--bootstrap", VALTOOL_BOOTSTRAP, "--device", b.device.type, "--seed", b.opts.seed]
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(out, b.device, b.precision, b.opts.seed, cache_dir=b.tmp / "cache" / "valtool", command="valtool")
+    opts = ValtoolOptions(weights=str(weights), csv=str(csv), img_root=str(csv.parent), tta_samples=VALTOOL_TTA,
+                          mc_samples=VALTOOL_MC, bootstrap=VALTOOL_BOOTSTRAP)
     captured = io.StringIO()
     with patched_predict(counting_predict(test_paths, counts)), \
             contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-        (rc, seconds) = timed(lambda: cli([str(a) for a in argv]), b.device)
-    logging.getLogger().handlers.clear()  # main() pointed logging at the captured stream
-    if rc != 0:
-        raise RuntimeError(f"valtool exited {rc} in the bench:\n{captured.getvalue()[-3000:]}")
+        (_, seconds) = timed(lambda: run_valtool(run, opts), b.device)
     reported = read_json(out / "summary.json")["model_passes_over_split"]
     stress_passes = 1 + 3 * len(SEVERITIES)  # the clean pass and every corruption at 3 severities
     bound = stress_passes + VALTOOL_TTA + 1
@@ -566,8 +559,8 @@ def item_film_io(b: Bench, csv: Path) -> dict:
     import pandas as pd
 
     from tools.cache import build_store
-    from tools.data import letterbox, load_image
-    from tools.engine import default_workers
+    from tools.dataset import letterbox, load_image
+    from tools.runtime import default_workers
 
     paths = [str(csv.parent / p) for p in pd.read_csv(csv)["image_path"]]
     size, workers, reads = b.opts.image_size, default_workers(), 5
@@ -600,8 +593,8 @@ def gpu_bench(b: Bench, csv: Path) -> dict:
     warm-cache data-wait fraction. The compiled module is ``model.features``, as
     ``prepare_model(compile=True)`` does: ``backbone_features`` unwraps a compiled whole model and
     would run it eagerly. Eager and compiled passes alternate by swapping ``model.features``."""
-    from tools.engine import prepare_model
-    from tools.pipeline import clean_pass
+    from tools.inference import clean_pass
+    from tools.model import prepare_model
 
     run, data, _ = b.split(csv, "gpu", batch_size=GPU_BATCH)
     model = prepare_model(bench_model(b.opts.seed), b.device)
@@ -770,9 +763,9 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
     """Make the images, run every item, return the JSON document. The document is also written
     to ``out`` after each item (``"complete": false``), so a run that is stopped keeps the items
     already measured."""
-    from tools.io import write_json
+    from tools.files import write_json
 
-    from tools.engine import resolve_device, resolve_precision
+    from tools.runtime import resolve_device, resolve_precision
     from tools.make_demo_data import make_demo_dataset
 
     device = resolve_device("cuda" if opts.gpu else "cpu")
@@ -827,7 +820,7 @@ def stop_on_sigterm() -> None:
 
 
 def main(argv=None) -> int:
-    from tools.io import write_json
+    from tools.files import write_json
 
     try:
         opts = resolve_options(build_parser().parse_args(argv))

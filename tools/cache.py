@@ -15,17 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.data import CXRDataset
-from tools.engine import worker_init
+from tools.dataset import CXRDataset, worker_init
 from tools.errors import UserError
-
-
-def default_cache_dir() -> Path:
-    """``$CXR_CACHE_DIR``, else ``$XDG_CACHE_HOME/cxr_suite``, else ``~/.cache/cxr_suite``."""
-    if os.environ.get("CXR_CACHE_DIR"):
-        return Path(os.environ["CXR_CACHE_DIR"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "cxr_suite"
 
 
 def cache_key(paths, image_size: int) -> str:

@@ -35,7 +35,6 @@ Brier score: mean of ``(p - y) ** 2`` over known pairs.
 
 import numpy as np
 
-from tools.io import save_figure
 from tools.metrics import binary_metrics
 
 N_BINS = 15
@@ -270,41 +269,3 @@ def error_detection_auroc(spread, probs, y):
     p, t = _as_pairs(probs, y)
     wrong = 1.0 - decision_correct(p, t)
     return none_if_nan(_auroc(s, wrong))
-
-
-# ====== figures ======
-
-def plot_reliability(probs, y, out_path, title, n_bins=N_BINS):
-    """Reliability diagram of ``probs`` against ``y`` (known pairs pooled), written to ``out_path``.
-
-    Top: observed positive rate against mean prediction per bin, the diagonal of perfect
-    calibration and the gap between them shaded; the ECE is in the title. Bottom: pairs per bin
-    (log scale). Written atomically (``tools.io.save_figure``).
-    """
-    from matplotlib.figure import Figure
-
-    bins = reliability_bins(probs, y, n_bins)
-    value = ece(probs, y, n_bins)
-    edges, count = bins["edges"], bins["count"]
-    filled = count > 0
-
-    fig = Figure(figsize=(5.5, 6.5))
-    ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    if filled.any():
-        x, obs = bins["mean_pred"][filled], bins["frac_pos"][filled]
-        ax.fill_between(x, obs, x, color="tab:red", alpha=0.25, label="gap")
-        ax.plot(x, obs, marker="o", color="tab:blue", label="observed")
-    else:
-        ax.text(0.5, 0.5, "no known (image, label) pairs", ha="center", va="center")
-    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed positive rate")
-    ece_text = "n/a" if np.isnan(value) else f"{value:.4f}"
-    ax.set_title(f"{title} (ECE = {ece_text}, {n_bins} bins)")
-    ax.legend(loc="upper left")
-
-    ax_hist.bar(edges[:-1], count, width=np.diff(edges), align="edge",
-                color="tab:blue", edgecolor="white")
-    if filled.any():
-        ax_hist.set_yscale("log")
-    ax_hist.set(xlabel="mean predicted probability", ylabel="pairs per bin")
-    save_figure(fig, out_path)

@@ -8,7 +8,7 @@ split or with a split name other than train/val/test.
 Reported either way: prevalence per split and label, image height/width range, bit depth and
 channel counts. Usage errors (no CSV, no such image folder, a label without a column) exit 2.
 
-Every image is decoded once with :func:`tools.data.read_raw`, the decoder the suite trains with,
+Every image is decoded once with :func:`tools.dataset.read_raw`, the decoder the suite trains with,
 so an image that passes here also loads in ``train``/``eval``. Decoding dominates the run time;
 OpenCV and NumPy release the GIL while decoding and reading, so a thread pool uses every core.
 """
@@ -25,22 +25,27 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tools.data import (
+from tools.dataset import read_raw
+from tools.errors import UserError
+from tools.files import write_json
+from tools.runtime import available_cores
+from tools.table import (
     DEFAULT_LABELS,
+    KNOWN_SPLITS,
+    NO_SPLIT,
     check_image_paths,
     check_images_exist,
     check_label_columns,
     parse_label_column,
+    patients_in_several_splits,
+    prevalence,
     read_csv_file,
-    read_raw,
     resolve_paths,
+    split_column,
+    split_order,
 )
-from tools.errors import UserError
-from tools.io import write_json
 
 PROG = "check_data"
-KNOWN_SPLITS = ("train", "val", "test")
-NO_SPLIT = "(none)"
 CHANNEL_NAMES = {1: "grayscale", 3: "RGB", 4: "RGBA"}
 SHOWN = 10  # problems list at most this many names inline; the JSON report has them all
 
@@ -51,7 +56,7 @@ _OK, _MISSING, _UNDECODABLE = 0, 1, 2
 # ====== the table ======
 
 def parse_labels(df: pd.DataFrame, csv, labels) -> tuple[dict[str, pd.Series], list[str]]:
-    """Each label column parsed by :func:`tools.data.parse_label_column`.
+    """Each label column parsed by :func:`tools.table.parse_label_column`.
 
     Returns ({label: float column} for the labels that parse, [one problem per label that does
     not]); a bad column does not stop the others from being checked."""
@@ -62,50 +67,6 @@ def parse_labels(df: pd.DataFrame, csv, labels) -> tuple[dict[str, pd.Series], l
         except UserError as exc:
             problems.append(str(exc))
     return parsed, problems
-
-
-def split_column(df: pd.DataFrame) -> pd.Series | None:
-    """The ``split`` column as text with empty cells as NO_SPLIT; None without the column."""
-    if "split" not in df.columns:
-        return None
-    split = df["split"].astype("string").str.strip()
-    return split.fillna(NO_SPLIT).replace("", NO_SPLIT).astype(str)
-
-
-def split_order(split: pd.Series) -> list[str]:
-    """train, val, test first (those present), then other names sorted, rows without a split last."""
-    present = set(split.unique())
-    others = sorted(present - set(KNOWN_SPLITS) - {NO_SPLIT})
-    return [s for s in KNOWN_SPLITS if s in present] + others + ([NO_SPLIT] if NO_SPLIT in present else [])
-
-
-def patients_in_several_splits(df: pd.DataFrame, split: pd.Series | None) -> dict[str, list[str]]:
-    """{patient_id: sorted splits} for every patient with rows in more than one split (rows
-    without a split or without a patient id are ignored); empty without either column."""
-    if split is None or "patient_id" not in df.columns:
-        return {}
-    table = pd.DataFrame({"patient": df["patient_id"].astype("string"), "split": split})
-    table = table[table["patient"].notna() & (table["split"] != NO_SPLIT)]
-    counts = table.groupby("patient")["split"].nunique()
-    shared = counts.index[counts > 1]
-    rows = table[table["patient"].isin(shared)]
-    return {str(p): sorted(g.unique()) for p, g in rows.groupby("patient")["split"]}
-
-
-def prevalence(parsed: dict[str, pd.Series], split: pd.Series | None) -> list[dict]:
-    """One record per (split, label): ``n`` rows with a known value, ``n_pos`` positives,
-    ``prevalence`` = n_pos / n (NaN when n = 0). Split ``all`` covers every row."""
-    groups = [("all", None)]
-    if split is not None:
-        groups += [(name, (split == name).to_numpy()) for name in split_order(split)]
-    records = []
-    for name, mask in groups:
-        for label, values in parsed.items():
-            y = values.to_numpy() if mask is None else values.to_numpy()[mask]
-            n, n_pos = int(np.sum(~np.isnan(y))), int(np.nansum(y))
-            records.append({"split": name, "label": label, "n_rows": int(len(y)), "n": n,
-                            "n_pos": n_pos, "prevalence": n_pos / n if n else float("nan")})
-    return records
 
 
 def label_warnings(records: list[dict], has_split: bool) -> list[str]:
@@ -144,7 +105,7 @@ def split_warnings(split: pd.Series | None) -> list[str]:
 
 def inspect_image(path) -> tuple[int, int, int, int, int, str]:
     """(status, height, width, bits per sample, channels, error) of one file, decoded once with
-    :func:`tools.data.read_raw`; sizes are -1 when the file is missing or cannot be decoded."""
+    :func:`tools.dataset.read_raw`; sizes are -1 when the file is missing or cannot be decoded."""
     if not os.path.isfile(path):
         return _MISSING, -1, -1, -1, -1, f"image {path}: file not found"
     try:
@@ -228,13 +189,6 @@ def patient_problem(shared: dict[str, list[str]]) -> str:
 
 
 # ====== the whole check ======
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, which containers narrow), else cpu_count."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
 
 def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True,
                images: bool = True) -> dict:

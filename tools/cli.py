@@ -1,10 +1,94 @@
-"""How every entry point ends: a user mistake is one line on stderr and exit 2, a run that cannot
-go on exit 1, Ctrl-C a one-line message and exit 130; ``--debug`` shows the traceback instead."""
+"""Command-line building blocks shared by main.py and the scripts: the help formatter, the flag
+groups every command has, and how every entry point ends (the exit-status guard).
+
+A user mistake is one line on stderr and exit 2, a run that cannot go on exit 1, Ctrl-C a
+one-line message and exit 130; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from tools.errors import RunError, UserError
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where the help already explains a default that depends on context."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
+    """Flags shared by every subcommand (SPEC "Common flags"); ``outdir``: the default output
+    folder of a script with one job (the subcommands default to outputs/<command>)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    data = parent.add_argument_group("data")
+    data.add_argument("--csv", help="input CSV (image_path, one 0/1 column per label, optional split, metadata)")
+    data.add_argument("--img-root", default=".", help="folder that image_path values are relative to")
+    data.add_argument("--labels", nargs="+", default=None,
+                      help="label columns (default: the checkpoint's with --weights, else Cardiomegaly Edema Effusion)")
+    data.add_argument("--split", default="test", help="which split's rows to use")
+    data.add_argument("--skip-bad-images", action="store_true",
+                      help="drop rows whose image cannot be decoded (with a warning and a count in config.json)")
+    data.add_argument("--cache-dir", default=None,
+                      help="decoded-image cache (default $CXR_CACHE_DIR or ~/.cache/cxr_suite)")
+    data.add_argument("--no-cache", action="store_true", help="keep decoded images in memory only")
+    model = parent.add_argument_group("model")
+    model.add_argument("--weights", help="checkpoint written by train (best.pt / last.pt)")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="model input size in px (train: 224; other commands: the checkpoint's)")
+    run = parent.add_argument_group("run")
+    where = "%(default)s" if outdir else "outputs/<command>"
+    run.add_argument("--outdir", default=outdir, help=f"output folder (default {where})")
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="batch size per process (train: 16; inference: 16 on the CPU, 64 on CUDA)")
+    run.add_argument("--num-workers", type=int, default=None,
+                     help="loader processes (default: spare cores, at most 8, to decode; none for passes over "
+                          "decoded pixels on the CPU)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when available")
+    run.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                     help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the backbone (long GPU runs; compiling costs time up front)")
+    run.add_argument("--seed", type=int, default=1337, help="seeds training, bootstrap, corruptions, MC and TTA draws")
+    run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parent
+
+
+def slicing_flags(parser) -> None:
+    group = parser.add_argument_group("slicing")
+    group.add_argument("--group-col", nargs="+", default=[], help="metadata column(s) to slice metrics by")
+    group.add_argument("--min-group-size", type=int, default=30, help="groups smaller than this are flagged small")
+    group.add_argument("--bootstrap", type=int, default=1000,
+                       help="bootstrap resamples for 95%% intervals (patients when patient_id exists); 0 = off")
+
+
+def uncertainty_flags(parser, reuse: bool) -> None:
+    """``reuse``: also --test-split and --predictions (calibrate and selective; valtool reports
+    --split from its own clean pass)."""
+    group = parser.add_argument_group("calibration and uncertainty")
+    group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
+    if reuse:
+        group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
+    group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
+    group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
+    if reuse:
+        group.add_argument("--predictions", nargs="+", default=None,
+                           help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
+
+
+def run_options(args, command: str) -> dict:
+    """``tools.runtime.start_run``'s keyword arguments from the common flags (checked here, so a
+    bad value stops the run before any work)."""
+    if args.image_size is not None and args.image_size < 32:
+        raise UserError(f"--image-size {args.image_size}: must be at least 32 (DenseNet-121 downsamples 32x)")
+    return {"outdir": args.outdir, "device": args.device, "precision": args.precision, "seed": args.seed,
+            "cache_dir": args.cache_dir, "no_cache": args.no_cache, "batch_size": args.batch_size,
+            "num_workers": args.num_workers, "skip_bad_images": args.skip_bad_images, "compile": args.compile,
+            "command": command, "settings": vars(args)}
 
 
 def guarded(prog: str, func, args, outdir=None) -> int:

@@ -25,7 +25,6 @@ import functools
 import math
 import random
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -187,40 +186,11 @@ def apply_corruption(image: np.ndarray, name: str, severity: int, seed: int, ind
     return CORRUPTIONS[name](image, severity, image_rng(seed, index, name, severity))
 
 
-# ====== figure ======
-
-def _param_label(name: str, severity: int) -> str:
+def param_label(name: str, severity: int) -> str:
+    """The parameter of (name, severity) in words: "kernel 9x9", "limit ±0.45", "quality 30"."""
     param = corruption_param(name, severity)
     if name == "gaussian_blur":
         return f"kernel {param}x{param}"
     if name == "brightness_contrast":
         return f"limit \u00b1{param:.2f}"
     return f"{PARAM_NAMES[name]} {param}"
-
-
-def plot_corruption_examples(image: np.ndarray, out_path, seed: int = 0, title: str | None = None) -> Path:
-    """One figure: a row per corruption, the clean image first, then severities 1-3.
-
-    Each panel is titled with the corruption and its parameter. Written atomically.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no backend or global figure state needed
-
-    from tools.io import save_figure
-
-    _check_image(image)
-    names = list(SEVERITIES)
-    fig = Figure(figsize=(10, 2.6 * len(names)))
-    axes = fig.subplots(len(names), 4, squeeze=False)
-    for row, name in enumerate(names):
-        panels = [(image, "clean")] + [
-            (apply_corruption(image, name, sev, seed), f"{name} sev{sev}\n{_param_label(name, sev)}")
-            for sev in (1, 2, 3)
-        ]
-        for ax, (panel, label) in zip(axes[row], panels):
-            ax.imshow(panel, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            ax.set_title(label, fontsize=9)
-            ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_figure(fig, out_path)

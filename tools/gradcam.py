@@ -31,7 +31,7 @@ OVERLAY_ALPHA = 0.4
 def gradcam(model, x: torch.Tensor, label_index: int) -> np.ndarray:
     """Grad-CAM heatmap (H, W) float32 in [0, 1] of label ``label_index`` for one image.
 
-    ``x`` is one normalised image (1, 3, H, W) as made by ``tools.data.to_model_input``. The map
+    ``x`` is one normalised image (1, 3, H, W) as made by ``tools.model.to_model_input``. The map
     is ReLU(sum_k alpha_k A^k) (module docstring), resized to (H, W) bilinearly and divided by its
     maximum; an image with no positive evidence for the label gets all zeros. The model is run in
     eval mode and left in the mode it was in.

@@ -190,7 +190,7 @@ def sample_cases(n: int, seed: int) -> pd.DataFrame:
     """The demo table for ``n`` images: ``CSV_COLUMNS`` plus the hidden ground truth the renderer
     needs (``true_ctr``, ``heart_failure``, ``anatomy_seed``). Patients are drawn until ``n``
     images exist (the last patient's follow-ups are cut to fit); splits are grouped by patient."""
-    from tools.data import auto_split  # one split rule for the whole suite
+    from tools.table import auto_split  # one split rule for the whole suite
 
     table_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
     rows, patient_id = [], 0
@@ -721,7 +721,7 @@ def _write_film(job) -> str | None:
 def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, workers: int = 1) -> Path:
     """Write ``out_dir/images/*.png`` and ``out_dir/demo.csv`` (``CSV_COLUMNS``); return the CSV
     path. Same ``seed`` and ``n`` give byte-identical files, whatever ``workers`` is."""
-    from tools.io import write_csv
+    from tools.files import write_csv
 
     if int(n) < 1:
         raise UserError(f"--n {n}: need at least 1 image")

@@ -20,8 +20,12 @@ patient-level resamples of every metric cost about as much as a few sklearn call
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
+# 0.01, 0.02, ..., 0.99: integer / 100 is the correctly rounded double, so 0.5 is exactly 0.5.
+THRESHOLDS = np.arange(1, 100) / 100.0
+REFERENCE_THRESHOLD = 0.5
 _SPEC_TOL = 1e-12
 
 
@@ -211,3 +215,52 @@ def difference(a: dict, b: dict, labels) -> dict:
 
     return {"macro": block(lambda r: r["macro"]),
             "per_class": {label: block(lambda r, j=j: r["per_class"][j]) for j, label in enumerate(labels)}}
+
+
+# ====== decisions across thresholds ======
+
+def threshold_sweep(y: np.ndarray, p: np.ndarray, labels, thresholds=THRESHOLDS) -> pd.DataFrame:
+    """Confusion counts and rates of the decision ``p >= t`` for every threshold t, per label, on
+    the rows whose label is known. Sensitivity = tp/(tp+fn), specificity = tn/(tn+fp), precision
+    = tp/(tp+fp), F1 = 2tp/(2tp+fp+fn); each NaN when its denominator is 0.
+
+    Vectorised over thresholds: with the scores of each class sorted, the count of scores >= t is
+    the class size minus ``searchsorted(sorted, t, side="left")``."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    t = np.asarray(thresholds, float)
+    frames = []
+    for j, label in enumerate(labels):
+        known = ~np.isnan(y[:, j])
+        pos, neg = np.sort(p[known & (y[:, j] == 1), j]), np.sort(p[known & (y[:, j] == 0), j])
+        tp = len(pos) - np.searchsorted(pos, t, side="left")
+        fp = len(neg) - np.searchsorted(neg, t, side="left")
+        fn, tn = len(pos) - tp, len(neg) - fp
+        frames.append(pd.DataFrame({"label": label, "threshold": t, "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+                                    "sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
+                                    "precision": _ratio(tp, tp + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn)}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    num, den = np.asarray(num, float), np.asarray(den, float)
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def best_thresholds(sweep: pd.DataFrame, reference: float = REFERENCE_THRESHOLD) -> list[dict]:
+    """Per label: the threshold of the highest F1 (the lowest such threshold on ties; None when F1
+    is undefined everywhere) with its F1, sensitivity and specificity, and the same at ``reference``."""
+    out = []
+    for label, block in sweep.groupby("label", sort=False):
+        f1 = block["f1"].to_numpy()
+        best = block.iloc[int(np.nanargmax(f1))] if np.isfinite(f1).any() else None
+        ref = block[np.isclose(block["threshold"], reference)]
+        ref = ref.iloc[0] if len(ref) else None
+        pick = lambda r, k: None if r is None else float(r[k])  # noqa: E731
+        first = block.iloc[0]  # every row holds the same known rows, split differently
+        out.append({"label": label, "n": int(first[["tp", "fp", "tn", "fn"]].sum()),
+                    "n_pos": int(first["tp"] + first["fn"]),
+                    "best_threshold": pick(best, "threshold"), "best_f1": pick(best, "f1"),
+                    "best_sensitivity": pick(best, "sensitivity"), "best_specificity": pick(best, "specificity"),
+                    "ref_f1": pick(ref, "f1"), "ref_sensitivity": pick(ref, "sensitivity"),
+                    "ref_specificity": pick(ref, "specificity")})
+    return out

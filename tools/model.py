@@ -1,4 +1,5 @@
-"""The one DenseNet-121 builder, its checkpoints, and the split into backbone features and head.
+"""The one DenseNet-121 builder, its input normalisation, its checkpoints, and the split into
+backbone features and head.
 
 Head: ``Dropout(p)`` then ``Linear(1024, n_labels)`` as ``model.classifier``. The dropout is an
 ``nn.Dropout`` module in front of the head so MC-Dropout can sample it (torchvision's dense layers
@@ -14,9 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tools.errors import UserError
+from tools.runtime import Run
 
 ARCH = "densenet121"
 FEATURE_DIM = 1024
+# ImageNet statistics, applied to the grayscale film replicated to three channels.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def imagenet_weights_file() -> Path:
@@ -101,6 +106,30 @@ def head(model: nn.Module) -> nn.Sequential:
     return unwrap(model).classifier
 
 
+def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, 3, H, W), grayscale replicated, ImageNet-normalised.
+
+    Done on the model's device, so loaders move uint8 (4x less data than float)."""
+    x = images.float().div_(255.0).unsqueeze(1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool = True,
+                  compile: bool = False) -> nn.Module:
+    """On ``device`` in channels_last (faster convolutions on CPU and GPU); ``compile`` wraps the
+    backbone in torch.compile (worth it for long GPU runs; the first batches pay for compiling).
+    Only the backbone is compiled so MC-Dropout can still sample the head on its own."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.features = torch.compile(model.features)
+    return model
+
+
 # ====== checkpoints ======
 
 def checkpoint_dict(model, labels, image_size, dropout, epoch, val_macro_auroc, **extra) -> dict:
@@ -147,3 +176,15 @@ def load_model(path, labels=None, image_size=None) -> tuple[nn.Module, dict]:
         raise UserError(f"--weights {path}: weights do not fit DenseNet-121 with "
                         f"{len(ckpt['labels'])} labels") from None
     return model, ckpt
+
+
+def load_checkpoint_model(run: Run, weights, labels=None, image_size=None, compile: bool = False):
+    """Model from ``weights`` on the run's device, ready for inference, and its checkpoint dict;
+    ``labels``/``image_size``, when given, must match the checkpoint's. The checkpoint's record
+    goes into config.json."""
+    if not weights:
+        raise UserError(f"--weights is required for {run.command}: pass a best.pt written by train")
+    model, ckpt = load_model(weights, labels, image_size)
+    run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch",
+                                                    "val_macro_auroc")})
+    return prepare_model(model, run.device, compile=compile), ckpt

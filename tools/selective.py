@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 
 from tools.calibration import decision_correct, none_if_nan
-from tools.io import save_figure
 
 CURVE_COLUMNS = ["coverage", "risk", "threshold", "n_kept"]
 RISK_TARGETS = (0.01, 0.02, 0.05, 0.10)
@@ -223,34 +222,3 @@ def summary_of_curve(curve, correct, targets=RISK_TARGETS):
         "n": int(correct.size),
         "coverage_at_risk": {_target_key(t): coverage_at_risk(curve, t) for t in targets},
     }
-
-
-# ====== figure ======
-
-def plot_risk_coverage(curves, out_path, title, oracle=None, random_risk=None):
-    """Risk-coverage figure: one line per confidence signal, AURC in the legend.
-
-    ``curves`` maps a signal name to its ``risk_coverage`` frame; ``oracle`` (an ``oracle_curve``
-    frame) is drawn dashed, and ``random_risk`` (the full-coverage risk, which a random ranking
-    achieves at every coverage in expectation) as a horizontal line. Written atomically
-    (``tools.io.save_figure``).
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        ax.plot(curve["coverage"], curve["risk"],
-                label=f"{name} (AURC {aurc_from_curve(curve):.4f})")
-    if oracle is not None and len(oracle):
-        ax.plot(oracle["coverage"], oracle["risk"], linestyle="--", color="black",
-                label=f"oracle (AURC {aurc_from_curve(oracle):.4f})")
-    if random_risk is not None and np.isfinite(random_risk):
-        ax.axhline(random_risk, linestyle=":", color="grey",
-                   label=f"random (AURC {random_risk:.4f})")
-    ax.set(xlim=(0, 1), xlabel="coverage", ylabel="risk (error rate of kept decisions)",
-           title=title)
-    ax.set_ylim(bottom=0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper left")
-    save_figure(fig, out_path)

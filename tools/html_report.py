@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tools.errors import UserError
-from tools.io import NOTICE, write_text
+from tools.files import NOTICE, write_text
 
 METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
 METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1@0.5": "F1@0.5", "sens@95spec": "sens@95spec"}

@@ -1,44 +1,25 @@
-"""The stress pass: the model on every corruption x severity of a split, from pixels decoded once.
+"""The stress stage: metrics of every corruption x severity pass against the clean pass, with
+paired patient-bootstrap intervals for each drop, per label and per group.
 
 Corruptions run on the cached uint8 image at model resolution (after the resize), so a 9x9 blur
-means the same thing whatever the source resolution, and only the model runs again per pass.
+means the same thing whatever the source resolution (``tools.inference.corrupted_logits``).
 """
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from tools import distributed, pipeline, plots
-from tools.corruptions import PARAM_NAMES, SEVERITIES, apply_corruption, plot_corruption_examples
-from tools.io import write_csv, write_json
+from tools import distributed, figures
+from tools.corruptions import PARAM_NAMES, SEVERITIES
+from tools.files import write_csv, write_json
 from tools.metrics import METRICS, bootstrap_weights, compute_metrics, difference, scores, sigmoid
+from tools.runtime import Run
 from tools.slicing import group_values
+from tools.splits import SplitData
 
 log = logging.getLogger("cxr")
-
-
-class Corrupt:
-    """Dataset transform: corruption ``name`` at ``severity``, seeded by (seed, row index)."""
-
-    def __init__(self, name: str, severity: int, seed: int):
-        self.name, self.severity, self.seed = name, int(severity), int(seed)
-
-    def __call__(self, image: np.ndarray, index: int) -> np.ndarray:
-        return apply_corruption(image, self.name, self.severity, self.seed, index)
-
-
-def corrupted_logits(run, model, data, corruptions) -> dict:
-    """{(name, severity): logits (N, L)} for every chosen corruption and severity 1..3."""
-    out = {}
-    for name in corruptions:
-        for severity in (1, 2, 3):
-            out[(name, severity)] = pipeline.clean_pass(
-                run, model, data, transform=Corrupt(name, severity, run.args.seed),
-                desc=f"{name} sev{severity}")["logits"]
-    return out
 
 
 def _row(name, severity, param, metrics, delta, labels) -> dict:
@@ -58,10 +39,11 @@ def _row(name, severity, param, metrics, delta, labels) -> dict:
     return row
 
 
-def write_stress(run, data, clean_logits, results: dict) -> pd.DataFrame:
+def write_stress(run: Run, data: SplitData, clean_logits, results: dict, labels, group_cols=(),
+                 bootstrap: int = 1000) -> pd.DataFrame:
     """clean_metrics.json, <corruption>_sev<k>.json, stress_summary.csv, stress_<metric>.png,
-    stress_examples.png and, per --group-col, stress_by_<C>.csv. Returns the summary table."""
-    args, labels = run.args, run.args.labels
+    stress_examples.png and, per group column, stress_by_<C>.csv; ``results`` maps (corruption,
+    severity) to logits. Returns the summary table."""
     if not distributed.is_main():
         return pd.DataFrame()
     split = data.name or "all"
@@ -70,8 +52,7 @@ def write_stress(run, data, clean_logits, results: dict) -> pd.DataFrame:
     write_json(run.outdir / "clean_metrics.json", clean)
     # Paired patient bootstrap: the same resamples for the clean and corrupted pass, so each drop
     # gets an interval and a drop within noise is not reported as a failure.
-    n_boot = getattr(args, "bootstrap", 1000)
-    weights = bootstrap_weights(data.clusters, n_boot, args.seed) if n_boot > 0 else None
+    weights = bootstrap_weights(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
     clean_scores = scores(data.y, clean_probs, weights)  # once, for all the passes compared with it
     rows = [_row("clean", 0, None, clean, None, labels)]
     for (name, severity), logits in results.items():
@@ -85,10 +66,10 @@ def write_stress(run, data, clean_logits, results: dict) -> pd.DataFrame:
     summary = pd.DataFrame(rows)
     write_csv(run.outdir / "stress_summary.csv", summary)
     for metric in ("auroc", "auprc"):
-        plots.stress_curves(summary, labels, metric, run.outdir / f"stress_{metric}.png")
-    plot_corruption_examples(data.store[0], run.outdir / "stress_examples.png", seed=args.seed,
+        figures.stress_curves(summary, labels, metric, run.outdir / f"stress_{metric}.png")
+    figures.plot_corruption_examples(data.store[0], run.outdir / "stress_examples.png", seed=run.seed,
                              title=f"{data.paths[0]} at model resolution")
-    for col in getattr(args, "group_col", None) or []:
+    for col in group_cols:
         write_csv(run.outdir / f"stress_by_{col}.csv", stress_by_group(data, clean_logits, results, col, labels))
     shown = summary[["corruption", "severity", "param", "macro_auroc", "delta_auroc"]]
     print(tabulate(shown, headers="keys", showindex=False, floatfmt=".3f", missingval="n/a"))

@@ -1,0 +1,110 @@
+"""The selective stage: risk-coverage curves, AURC and coverage at target risks for each
+confidence signal, all ranking the same decisions (the clean probability at 0.5)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from tabulate import tabulate
+
+from tools import distributed, figures
+from tools.calibration import apply_temperature
+from tools.errors import UserError
+from tools.files import write_csv, write_json
+from tools.inference import mc_dropout_logits, tta_logits
+from tools.metrics import sigmoid
+from tools.predictions import signal_columns, split_logits
+from tools.runtime import Run
+from tools.selective import (confidence_from_probs, confidence_from_spread, known_decisions, oracle_curve,
+                             risk_coverage, summary_of_curve)
+from tools.splits import Source, SplitData
+from tools.stages.calibrate import fitted_temperature
+from tools.table import label_matrix, read_table
+
+SIGNALS = ("maxprob", "calibrated", "mc_std", "tta_std")
+
+
+def confidence_signals(logits, temperature=None, mc: dict | None = None, tta: dict | None = None) -> dict:
+    """{signal: confidence (N, L)}, higher = more confident: ``maxprob`` always, ``calibrated`` with
+    a temperature, ``mc_std`` / ``tta_std`` with the spreads of ``tools.uncertainty.spread_stats``."""
+    signals = {"maxprob": confidence_from_probs(sigmoid(logits))}
+    if temperature is not None:
+        signals["calibrated"] = confidence_from_probs(sigmoid(apply_temperature(logits, temperature)))
+    for name, stats in (("mc_std", mc), ("tta_std", tta)):
+        if stats is not None:
+            signals[name] = confidence_from_spread(stats["std"])
+    return signals
+
+
+def from_calibrated_csv(path, labels, wanted) -> tuple[SplitData, object, dict]:
+    """(data, clean probabilities, {signal: confidence}) read from calibrate's
+    ``predictions_calibrated_<split>.csv``, without a model."""
+    df = read_table(path, labels)
+    data = SplitData(Path(path).stem.removeprefix("predictions_calibrated_"), df, [], label_matrix(df, labels), None)
+    probs = signal_columns(df, path, labels, "maxprob")
+    signals = {}
+    for name in wanted:
+        values = signal_columns(df, path, labels, name)
+        signals[name] = confidence_from_spread(values) if name.endswith("_std") else confidence_from_probs(values)
+    return data, probs, signals
+
+
+def signals_from_model(run: Run, model, source: Source, data: SplitData, labels, image_size: int, wanted,
+                       val_split: str = "val", per_label: bool = False, mc_samples: int = 20,
+                       tta_samples: int = 8, predictions=None) -> tuple[object, dict]:
+    """(clean probabilities, {signal: confidence}) of ``data``, running only the passes the
+    ``wanted`` signals need (the clean logits may come from ``predictions``)."""
+    for signal, samples, flag in (("mc_std", mc_samples, "--mc-samples"), ("tta_std", tta_samples, "--tta-samples")):
+        if signal in wanted and samples <= 0:
+            raise UserError(f"--confidence {signal} needs {flag} > 0")
+    out = split_logits(run, model, data, predictions, labels, features="mc_std" in wanted, desc="test")
+    temperature = mc = tta = None
+    if "calibrated" in wanted:
+        temperature = fitted_temperature(run, model, source, val_split, labels, image_size, per_label, predictions)
+    if "mc_std" in wanted:
+        mc = {"std": sigmoid(mc_dropout_logits(model, out["features"], mc_samples, run.seed, run.device)).std(0)}
+    if "tta_std" in wanted:
+        tta = {"std": sigmoid(tta_logits(run, model, data, tta_samples)).std(0)}
+    signals = confidence_signals(out["logits"], temperature, mc, tta)
+    return sigmoid(out["logits"]), {name: signals[name] for name in wanted}
+
+
+def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, primary: str) -> dict:
+    """risk_coverage_<split>.csv (the primary signal), one CSV per further signal, per-label
+    curves, risk_coverage_<split>.png and selective_summary.json.
+
+    Every signal ranks the same decisions (clean probability at 0.5), so curves compare rankings.
+    ``signals`` maps a name to a confidence array (N, L): higher = more confident."""
+    if not distributed.is_main():
+        return {}
+    y = data.y
+    split = data.name or "all"
+    curves, summaries, per_label = {}, {}, []
+    for name, confidence in signals.items():
+        conf, correct = known_decisions(confidence, probs, y)  # the same decisions for every signal
+        curves[name] = risk_coverage(conf, correct)
+        summaries[name] = summary_of_curve(curves[name], correct)
+        summaries[name]["per_label"] = {}
+        for j, lbl in enumerate(labels):
+            c_j, ok_j = known_decisions(confidence[:, j], probs[:, j], y[:, j])
+            curve_j = risk_coverage(c_j, ok_j)
+            summaries[name]["per_label"][lbl] = summary_of_curve(curve_j, ok_j)
+            if name == primary:
+                per_label.append(curve_j.assign(label=lbl))
+    summary = {"split": split, "confidence": primary, **summaries[primary],
+               "signals": {k: v for k, v in summaries.items()},
+               "decisions": "known (image, label) pairs at threshold 0.5; risk = error rate of kept pairs"}
+    write_csv(run.outdir / f"risk_coverage_{split}.csv", curves[primary])
+    for name, curve in curves.items():
+        if name != primary:
+            write_csv(run.outdir / f"risk_coverage_{split}_{name}.csv", curve)
+    write_csv(run.outdir / f"risk_coverage_{split}_per_label.csv", pd.concat(per_label, ignore_index=True))
+    full_risk = summary["risk_at_full_coverage"]
+    figures.plot_risk_coverage(curves, run.outdir / f"risk_coverage_{split}.png", f"risk-coverage ({split}, n pairs = {summary['n']})",
+                       oracle=oracle_curve(correct), random_risk=full_risk)
+    rows = [[name, s["aurc"], s["e_aurc"], (s["coverage_at_risk"]["0.05"] or {}).get("coverage")]
+            for name, s in summaries.items()]
+    print(tabulate(rows, headers=["confidence", "AURC", "E-AURC", "coverage @5% risk"], floatfmt=".4f",
+                   missingval="n/a"))
+    write_json(run.outdir / "selective_summary.json", summary)
+    return summary
