@@ -29,6 +29,7 @@ from tabulate import tabulate
 from tools.cli import guarded
 from tools.errors import UserError
 from tools.files import write_csv
+from tools.table import DEFAULT_LABELS
 
 PROG = "make_cxr14_csv.py"
 
@@ -38,7 +39,6 @@ FINDINGS = (
     "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
 )
 NO_FINDING = "No Finding"
-DEFAULT_LABELS = ("Cardiomegaly", "Edema", "Effusion")
 
 TABLE_PATTERN = "Data_Entry_2017*.csv"
 TEST_LIST = "test_list.txt"

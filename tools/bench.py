@@ -52,8 +52,9 @@ import numpy as np
 import torch
 
 from tools.errors import UserError
+from tools.table import DEFAULT_LABELS
 
-LABELS = ["Cardiomegaly", "Edema", "Effusion"]
+LABELS = list(DEFAULT_LABELS)
 MC_SAMPLES = 30
 VALTOOL_TTA, VALTOOL_MC, VALTOOL_BOOTSTRAP = 2, 5, 50
 GPU_BATCH = 256

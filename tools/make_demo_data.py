@@ -78,8 +78,9 @@ import numpy as np
 import pandas as pd
 
 from tools.errors import UserError
+from tools.table import DEFAULT_LABELS
 
-LABELS = ["Cardiomegaly", "Edema", "Effusion"]
+LABELS = list(DEFAULT_LABELS)  # the findings of the demo phantoms
 CSV_COLUMNS = ["image_path", "split", *LABELS, "view", "sex", "age", "site", "patient_id",
                "follow_up", "num_findings", "num_findings_bin"]
 SITES = ("A", "B", "C")

@@ -1,15 +1,7 @@
-"""The case-study stage: three studies of one finding from a predictions CSV, each shown as the
-film, a Grad-CAM overlay of that finding and the model's probabilities for every label.
-
-  case_clean_pa.png   a PA study with the finding present that the model calls positive (p >= 0.5),
-                      the one with the highest probability;
-  case_corrupted.png  the same study after Gaussian blur (severity 3) and JPEG (severity 3), the
-                      model re-run on each, with the confidence drop;
-  case_ap_miss.png    an AP study with the finding present that the model misses (p < 0.5), the
-                      one with the lowest probability.
-
-When no study of a kind exists, the nearest one is used, said on stdout and in the figure title
-("nearest case: ..."). case_studies.json lists each case.
+"""The case-study stage: three studies of one finding chosen from a predictions CSV (a PA study
+the model gets right, the same film under blur and JPEG, an AP study it misses), each drawn as
+the film, a Grad-CAM overlay and the probabilities; make_case_studies.py's docstring describes
+the figures. When no study of a kind exists, the nearest one is used and said so.
 """
 from __future__ import annotations
 
