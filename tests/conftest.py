@@ -42,7 +42,8 @@ def train_argv(demo, out, epochs=2):
 
 @pytest.fixture(scope="session")
 def trained(demo, tmp_path_factory):
-    """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights)."""
+    """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights).
+    Seconds of training: a test that uses it, directly or through another fixture, is marked slow."""
     out = tmp_path_factory.mktemp("train")
     assert run_main(*train_argv(demo, out)) == 0
     return out

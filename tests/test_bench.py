@@ -32,6 +32,7 @@ def quick(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_every_item_has_finite_positive_timings(quick):
     assert quick["complete"] is True  # written after each item with false, at the end with true
     assert set(quick["items"]) == set(ITEMS)
@@ -44,6 +45,7 @@ def test_every_item_has_finite_positive_timings(quick):
         assert "target" in item and "met" in item
 
 
+@pytest.mark.slow
 def test_interleaved_sides_have_one_timing_per_repeat(quick):
     t = quick["items"]["predict"]["timings"]
     # the plain loop's --batch-size 8 differs from the suite's CPU default, so the suite ran at 8 too
@@ -59,6 +61,7 @@ def test_interleaved_sides_have_one_timing_per_repeat(quick):
     assert s["stress_total_s"] == pytest.approx(sum(s["stress_s_per_group"]))
 
 
+@pytest.mark.slow
 def test_ratios_are_the_medians_of_the_timings(quick):
     import statistics
 
@@ -73,6 +76,7 @@ def test_ratios_are_the_medians_of_the_timings(quick):
     assert quick["items"]["stress"]["ratio"] == pytest.approx(s["stress_total_s"] / naive_13)
 
 
+@pytest.mark.slow
 def test_valtool_passes_over_the_test_split_are_counted_exactly(quick):
     v = quick["items"]["valtool_passes"]
     tta = v["flags"]["tta_samples"]
@@ -82,18 +86,21 @@ def test_valtool_passes_over_the_test_split_are_counted_exactly(quick):
     assert v["met"] is True
 
 
+@pytest.mark.slow
 def test_sanity_compares_the_two_precisions_on_the_same_images(quick):
     s = quick["items"]["predict"]["sanity"]
     assert 0 <= s["mean_abs_logit_diff"] <= s["max_abs_logit_diff"]
     assert 0 <= s["decisions_agree"] <= 1
 
 
+@pytest.mark.slow
 def test_machine_description(quick):
     m = quick["machine"]
     assert m["cores"] >= 1 and m["torch_threads"] >= 1 and m["torch"] and m["cpu"]
     assert m["device"] == "cpu" and m["precision"] in ("bf16", "fp32")
 
 
+@pytest.mark.slow
 def test_table_has_a_row_per_item(quick):
     text = bench.format_table(quick["items"])
     for tag in ("1 ", "1b ", "2 ", "3 ", "4 ", "5 ", "6 "):

@@ -31,6 +31,7 @@ def evaluated(demo, trained, tmp_path_factory):
 
 # ====== train ======
 
+@pytest.mark.slow
 def test_train_writes_log_checkpoints_and_config(trained):
     log = pd.read_csv(trained / "train_log.csv")
     assert list(log["epoch"]) == [1, 2]
@@ -51,6 +52,7 @@ def test_train_writes_log_checkpoints_and_config(trained):
 
 # ====== eval ======
 
+@pytest.mark.slow
 def test_eval_metrics_equal_sklearn_on_written_predictions(demo, evaluated):
     metrics = json.loads((evaluated / "metrics_test.json").read_text())
     preds = pd.read_csv(evaluated / "predictions_test.csv")
@@ -72,6 +74,7 @@ def test_eval_metrics_equal_sklearn_on_written_predictions(demo, evaluated):
     assert metrics["macro"]["auroc"] == pytest.approx(np.mean(aurocs))
 
 
+@pytest.mark.slow
 def test_eval_group_metrics_partition_rows_and_match_sklearn(evaluated):
     preds = pd.read_csv(evaluated / "predictions_test.csv")
     result = json.loads((evaluated / "group_metrics_view.json").read_text())
@@ -92,6 +95,7 @@ def test_eval_group_metrics_partition_rows_and_match_sklearn(evaluated):
     assert sorted(table["group"]) == sorted(result["groups"])
 
 
+@pytest.mark.slow
 def test_eval_bins_numeric_columns_and_writes_edges(evaluated):
     result = json.loads((evaluated / "group_metrics_age.json").read_text())
     edges = result["bin_edges"]
@@ -99,6 +103,7 @@ def test_eval_bins_numeric_columns_and_writes_edges(evaluated):
     assert all(name.startswith("[") for name in result["groups"])
 
 
+@pytest.mark.slow
 def test_eval_takes_labels_from_checkpoint_and_is_deterministic(demo, trained, evaluated, tmp_path):
     assert run_main("eval", *_common(demo, trained, tmp_path, "--bootstrap", 0)) == 0
     again = pd.read_csv(tmp_path / "predictions_test.csv")
@@ -108,6 +113,7 @@ def test_eval_takes_labels_from_checkpoint_and_is_deterministic(demo, trained, e
 
 # ====== stress ======
 
+@pytest.mark.slow
 def test_stress_summary_matches_per_corruption_files_and_clean_eval(demo, trained, evaluated, tmp_path):
     assert run_main("stress", *_common(demo, trained, tmp_path, "--group-col", "view")) == 0
     summary = pd.read_csv(tmp_path / "stress_summary.csv")
@@ -127,6 +133,7 @@ def test_stress_summary_matches_per_corruption_files_and_clean_eval(demo, traine
     assert set(by_view["corruption"]) == set(summary["corruption"])
 
 
+@pytest.mark.slow
 def test_stress_results_do_not_depend_on_batch_size(demo, trained, tmp_path):
     outs = []
     for batch in (5, 32):
@@ -139,6 +146,7 @@ def test_stress_results_do_not_depend_on_batch_size(demo, trained, tmp_path):
 
 # ====== calibrate ======
 
+@pytest.mark.slow
 def test_calibrate_fits_temperature_on_val_logits(demo, trained, evaluated, tmp_path):
     val_out = tmp_path / "val"
     assert run_main("eval", *_common(demo, trained, val_out, "--split", "val", "--bootstrap", 0)) == 0
@@ -165,6 +173,7 @@ def test_calibrate_fits_temperature_on_val_logits(demo, trained, evaluated, tmp_
 
 # ====== selective ======
 
+@pytest.mark.slow
 def test_selective_full_coverage_risk_is_the_error_rate(demo, trained, evaluated, tmp_path):
     assert run_main("selective", *_common(demo, trained, tmp_path, "--mc-samples", 5, "--tta-samples", 0,
                                           "--confidence", "maxprob")) == 0

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import run_main
 
+pytestmark = pytest.mark.slow  # every test needs the trained model and a valtool run
+
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 FLAGS = ["--precision", "fp32", "--num-workers", 0, "--bootstrap", 50]
 SPREAD = ["--tta-samples", 2, "--mc-samples", 3]
