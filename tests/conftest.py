@@ -23,6 +23,16 @@ def run_main(*argv):
     return main([str(a) for a in argv])
 
 
+def read_figure(path):
+    """A PNG the suite wrote, decoded by OpenCV (BGR); it must decode and must not be one flat colour."""
+    import cv2
+
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} does not decode"
+    assert image.std() > 5, f"{path} is blank"
+    return image
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """(root, csv) of 120 phantoms at 64 px, patient-grouped splits."""
