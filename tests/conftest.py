@@ -23,6 +23,16 @@ def run_main(*argv):
     return main([str(a) for a in argv])
 
 
+def read_figure(path):
+    """A PNG the suite wrote, decoded by OpenCV (BGR); it must decode and must not be one flat colour."""
+    import cv2
+
+    image = cv2.imread(str(path))
+    assert image is not None, f"{path} does not decode"
+    assert image.std() > 5, f"{path} is blank"
+    return image
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """(root, csv) of 120 phantoms at 64 px, patient-grouped splits."""
@@ -42,7 +52,8 @@ def train_argv(demo, out, epochs=2):
 
 @pytest.fixture(scope="session")
 def trained(demo, tmp_path_factory):
-    """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights)."""
+    """Output folder of a 2-epoch training run on the demo set (fp32, no pretrained weights).
+    Seconds of training: a test that uses it, directly or through another fixture, is marked slow."""
     out = tmp_path_factory.mktemp("train")
     assert run_main(*train_argv(demo, out)) == 0
     return out

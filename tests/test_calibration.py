@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
+from conftest import read_figure
 from tools import calibration as cal
 from tools.figures import plot_reliability
 from tools.metrics import sigmoid
@@ -257,8 +258,8 @@ def test_plot_reliability_writes_a_png_atomically(tmp_path):
     logits, y = synthetic(300, [2.0, 2.0, 2.0], seed=9)
     out = tmp_path / "reliability_uncal.png"
     plot_reliability(sigmoid(logits), y, out, "uncalibrated")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    read_figure(out)
     assert [f.name for f in tmp_path.iterdir()] == [out.name]
     plot_reliability(np.zeros((2, 3)), np.full((2, 3), np.nan), out, "nothing known")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    read_figure(out)
     assert [f.name for f in tmp_path.iterdir()] == [out.name]

@@ -222,3 +222,4 @@ def test_plot_corruption_examples_writes_one_png_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corruptions.png"]  # no temp file left behind
     picture = cv2.imread(str(out))
     assert picture is not None and picture.shape[0] > 400 and picture.shape[1] > 400
+    assert picture.std() > 5  # not blank

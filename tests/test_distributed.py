@@ -12,6 +12,8 @@ import torch
 
 from conftest import ROOT, SIZE, run_main
 
+pytestmark = pytest.mark.slow  # torchrun training and the trained model
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import SIZE, run_main
 
+pytestmark = pytest.mark.slow  # trains its own model on 400 phantoms
+
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 
 

@@ -1,4 +1,4 @@
-"""Specification of tools/report.py: report.html is one self-contained, escaped, offline page
+"""Specification of tools/html_report.py: report.html is one self-contained, escaped, offline page
 built from a valtool output folder, with the sections present in the folder and no others."""
 
 import base64

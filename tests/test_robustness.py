@@ -15,6 +15,8 @@ import torch
 
 from conftest import ROOT, SIZE, run_main, train_argv
 
+pytestmark = pytest.mark.slow  # every test trains, or needs the trained model
+
 
 @pytest.fixture(scope="module")
 def bad(demo, trained, tmp_path_factory):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import confusion_matrix
 
+from conftest import read_figure
 from run_evidence import main
 from tools.dataset import CXRDataset, make_loader
 from tools.inference import predict
@@ -103,7 +104,7 @@ def test_brightness_stats_match_the_films(fixture):
             assert row["mean_of_stds"] == pytest.approx(stds[mask].mean())
     assert set(stats.loc[stats["group_col"] == "view", "group"]) == set(table["view"])
     for name in ("brightness_by_view.png", "brightness_by_site.png", "train_montage.png"):
-        assert cv2.imread(str(fixture["out"] / name)) is not None
+        read_figure(fixture["out"] / name)
 
 
 # ====== model evidence ======
@@ -177,7 +178,7 @@ def test_model_summary_best_threshold_is_the_sweep_argmax(fixture):
         assert float(rows[label]["sensitivity"]) == pytest.approx(best["sensitivity"], abs=5e-4)
         assert float(rows[label]["F1 @0.5"]) == pytest.approx(at_half["f1"], abs=5e-4)
         assert float(rows[label]["specificity @0.5"]) == pytest.approx(at_half["specificity"], abs=5e-4)
-    assert cv2.imread(str(fixture["out"] / "f1_threshold_sweep.png")) is not None
+    read_figure(fixture["out"] / "f1_threshold_sweep.png")
 
 
 # ====== the index ======

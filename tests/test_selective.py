@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import read_figure
 from tools import selective as sel
 from tools.figures import plot_risk_coverage
 
@@ -215,5 +216,5 @@ def test_plot_risk_coverage_writes_a_png_atomically(tmp_path):
     out = tmp_path / "risk_coverage_test.png"
     plot_risk_coverage(curves, out, "test split", oracle=sel.oracle_curve(correct),
                            random_risk=1 - correct.mean())
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    read_figure(out)
     assert [f.name for f in tmp_path.iterdir()] == [out.name]

@@ -6,12 +6,40 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from conftest import run_main
+from tools.dataset import SeededAugment, letterbox, load_image
+from tools.inference import mc_dropout_logits
+from tools.metrics import sigmoid
+from tools.model import load_model, to_model_input
+
+pytestmark = pytest.mark.slow  # every test needs the trained model and a valtool run
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 FLAGS = ["--precision", "fp32", "--num-workers", 0, "--bootstrap", 50]
 SPREAD = ["--tta-samples", 2, "--mc-samples", 3]
+SEED = 1337  # main.py's default --seed, which draws the dropout masks and the TTA augmentations
+
+
+def model_input(films):
+    return to_model_input(torch.from_numpy(np.stack(films)))
+
+
+def spread_samples(weights, paths, mc_samples, tta_samples):
+    """(MC-Dropout, TTA) probabilities of the checkpoint on the films, (samples, N, L) each, computed
+    here: the head sampled with ``mc_dropout_logits`` on the pooled features of torchvision's own
+    forward, and one forward pass of the whole model per TTA draw."""
+    model, checkpoint = load_model(weights)
+    model.eval()
+    films = [letterbox(load_image(p), checkpoint["image_size"]) for p in paths]
+    with torch.no_grad():
+        head, model.classifier = model.classifier, torch.nn.Identity()
+        features = model(model_input(films)).numpy()
+        model.classifier = head
+        tta = [model(model_input([SeededAugment(SEED, stream=1, draw=t)(film, i) for i, film in enumerate(films)]))
+               for t in range(tta_samples)]
+    return sigmoid(mc_dropout_logits(model, features, mc_samples, SEED)), sigmoid(torch.stack(tta).numpy())
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +90,13 @@ def test_unlabelled_folder_gets_the_probabilities_eval_gives(demo, trained, labe
     reference.index = reference["image_path"].str.rsplit("/", n=1).str[-1]
     names = preds["image_path"].str.rsplit("/", n=1).str[-1]
     assert sorted(names) == sorted(reference.index)
-    for label in LABELS:
+    mc, tta = spread_samples(trained / "best.pt", preds["image_path"], mc_samples=3, tta_samples=2)
+    for j, label in enumerate(LABELS):
         np.testing.assert_allclose(preds[f"{label}_prob"], reference.loc[names, f"{label}_prob"], atol=1e-5)
-        assert (preds[f"{label}_mc_std"] >= 0).all() and (preds[f"{label}_tta_std"] >= 0).all()
+        for name, samples in (("mc", mc), ("tta", tta)):
+            np.testing.assert_allclose(preds[f"{label}_{name}_mean"], samples[:, :, j].mean(0), atol=1e-5)
+            np.testing.assert_allclose(preds[f"{label}_{name}_std"], samples[:, :, j].std(0), atol=1e-5)
+            assert (preds[f"{label}_{name}_std"] > 0).all()  # the draws differ for every film
     shifts = pd.read_csv(out / "stress" / "prediction_shifts.csv")
     assert len(shifts) == 12
     assert (shifts[[f"max_abs_shift_{lbl}" for lbl in LABELS]].to_numpy()
