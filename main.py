@@ -87,14 +87,11 @@ def start(args):
 def model_and_data(run, args, splits):
     """The checkpoint's model, its labels and image size, the input table, and ``splits`` loaded."""
     from tools.model import load_checkpoint_model
-    from tools.splits import Source, load_split
-    from tools.table import check_group_columns, read_table
+    from tools.splits import load_split, read_source
 
     model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
     labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
-    table = read_table(args.csv, labels)
-    check_group_columns(table, getattr(args, "group_col", ()), args.csv)
-    source = Source(args.csv, args.img_root, table)
+    source = read_source(args.csv, args.img_root, labels, getattr(args, "group_col", ()))
     data = [load_split(run, source, split, labels, image_size) for split in splits]
     return model, labels, image_size, source, data
 
@@ -102,16 +99,16 @@ def model_and_data(run, args, splits):
 # ====== train ======
 
 def cmd_train(args) -> None:
-    from tools.splits import Source
+    from tools.splits import read_source
     from tools.stages.train import Recipe, train
-    from tools.table import DEFAULT_LABELS, read_table
+    from tools.table import DEFAULT_LABELS
 
     labels = args.labels or list(DEFAULT_LABELS)
     image_size = args.image_size or 224
     run = start(args)
     recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
                     pretrained=args.pretrained, batch_size=args.batch_size or Recipe.batch_size)
-    train(run, Source(args.csv, args.img_root, read_table(args.csv, labels)), labels, image_size, recipe,
+    train(run, read_source(args.csv, args.img_root, labels), labels, image_size, recipe,
           fractions=args.auto_split, resume=args.resume)
 
 

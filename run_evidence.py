@@ -60,9 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evidence(args) -> dict:
     from tools.model import load_checkpoint_model
     from tools.runtime import start_run
-    from tools.splits import Source, load_split
+    from tools.splits import load_split, read_source
     from tools.stages.evidence import check_results_dirs, index_md, write_data_evidence, write_model_evidence
-    from tools.table import DEFAULT_LABELS, check_group_columns, read_table, select_split
+    from tools.table import DEFAULT_LABELS, select_split
     from tools.files import write_text
 
     # ====== run set-up: every user mistake found before any decoding ======
@@ -74,9 +74,8 @@ def run_evidence(args) -> dict:
     if args.weights:
         model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
         labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
-    table = read_table(args.csv, labels)
-    group_cols = args.group_col
-    check_group_columns(table, group_cols, args.csv)
+    source = read_source(args.csv, args.img_root, labels, args.group_col)
+    table, group_cols = source.table, args.group_col
     if group_cols is None:
         group_cols = [c for c in DEFAULT_GROUP_COLS if c in table.columns]
     if model is not None:
@@ -84,7 +83,7 @@ def run_evidence(args) -> dict:
     run.config(group_cols=list(group_cols))
 
     # ====== data evidence on every row (pixels decoded once), model evidence on --split ======
-    data = load_split(run, Source(args.csv, args.img_root, table), None, labels, image_size)
+    data = load_split(run, source, None, labels, image_size)
     written = [(run.outdir / "config.json", "arguments, versions, seed, device, checkpoint")]
     files, result = write_data_evidence(run, table, data, args.csv, labels, group_cols)
     written += files

@@ -17,7 +17,7 @@ from tools.cache import build_store
 from tools.dataset import IMAGE_EXTENSIONS, CXRDataset
 from tools.errors import UserError
 from tools.runtime import Run
-from tools.table import check_images_exist, label_matrix, resolve_paths, select_split
+from tools.table import check_group_columns, check_images_exist, label_matrix, read_table, resolve_paths, select_split
 
 log = logging.getLogger("cxr")
 
@@ -28,6 +28,13 @@ class Source:
     csv: str | None
     img_root: str
     table: pd.DataFrame
+
+
+def read_source(csv, img_root, labels, group_cols=()) -> Source:
+    """The input CSV validated for ``labels`` (and for the ``group_cols`` it must have)."""
+    table = read_table(csv, labels)
+    check_group_columns(table, group_cols, csv)
+    return Source(csv, img_root, table)
 
 
 @dataclass

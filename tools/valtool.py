@@ -25,13 +25,12 @@ from tools.metrics import sigmoid
 from tools.model import load_checkpoint_model
 from tools.predictions import predictions_frame, spread_columns
 from tools.runtime import Run
-from tools.splits import Source, load_folder, load_split
+from tools.splits import load_folder, load_split, read_source
 from tools.stages import case_studies as cases
 from tools.stages import stress
 from tools.stages.calibrate import fitted_temperature, spread, write_calibration
 from tools.stages.evaluate import write_evaluation
 from tools.stages.selective import confidence_signals, write_selective
-from tools.table import check_group_columns, read_table
 from tools.uncertainty import public
 
 log = logging.getLogger("cxr")
@@ -62,9 +61,8 @@ def _flag(kind, message, size=None, ci95=None) -> dict:
 
 
 def run_labelled(run: Run, opts: ValtoolOptions, model, labels, image_size: int) -> dict:
-    table = read_table(opts.csv, labels)
-    check_group_columns(table, opts.group_cols, opts.csv)
-    source = Source(opts.csv, opts.img_root, table)
+    source = read_source(opts.csv, opts.img_root, labels, opts.group_cols)
+    table = source.table
     data = load_split(run, source, opts.split, labels, image_size)
     # ====== the one clean pass ======
     clean = clean_pass(run, model, data, features=opts.mc_samples > 0, desc="clean")
