@@ -19,6 +19,7 @@ from tools.selective import aurc_from_curve
 from tools.slicing import group_values
 
 MAX_PLOTTED_GROUPS = 10  # the largest groups are drawn; the CSV beside a figure keeps every group
+MAX_COMPARE_ROWS = 40  # beyond this a comparison figure keeps only the groups' macro rows
 
 
 def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
@@ -303,4 +304,46 @@ def sweep_figure(sweep: pd.DataFrame, best: list[dict], title: str, path) -> Pat
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ====== model comparison ======
+
+def _compare_rows(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of ``metric`` to draw, top to bottom (macro first in each block), and their names;
+    groups keep only their macro rows when there are more than MAX_COMPARE_ROWS rows."""
+    rows = table[table["metric"] == metric]
+    blocks = [pd.concat([b[b["label"] == "macro"], b[b["label"] != "macro"]])
+              for _, b in rows.groupby(["group_col", "group"], sort=False, dropna=False)]
+    rows = pd.concat(blocks) if blocks else rows
+    if len(rows) > MAX_COMPARE_ROWS:
+        rows = rows[(rows["scope"] != "group") | (rows["label"] == "macro")]
+    rows = rows.head(MAX_COMPARE_ROWS)
+    names = [r.label if r.scope != "group" else f"{r.group_col}={r.group}: {r.label}" for r in rows.itertuples()]
+    return rows, names
+
+
+def compare_figure(table: pd.DataFrame, metric: str, path) -> Path:
+    """B - A of ``metric`` per row of a comparison table (:func:`tools.compare.compare_table`):
+    a point at the difference with its 95% interval, filled where the Holm-adjusted p < 0.05.
+    At most MAX_COMPARE_ROWS rows; the table itself keeps every row."""
+    rows, names = _compare_rows(table, metric)
+    n_all = int((table["metric"] == metric).sum())
+    pos = np.arange(len(rows))
+    diff, low, high = (rows[k].to_numpy(float) for k in ("diff", "ci_low", "ci_high"))
+    fig = Figure(figsize=(7, 1.2 + 0.3 * max(1, len(rows))))
+    ax = fig.subplots()
+    ax.axvline(0, color="grey", lw=1)
+    ci = np.isfinite(low) & np.isfinite(high) & np.isfinite(diff)
+    # drawn as segments: a percentile interval need not contain the point estimate (bounded metrics)
+    ax.hlines(pos[ci], low[ci], high[ci], color="tab:blue", lw=1.5)
+    filled = rows["p_holm"].to_numpy(float) < 0.05
+    ax.plot(diff[filled], pos[filled], "o", color="tab:blue", label="Holm p < 0.05")
+    ax.plot(diff[~filled], pos[~filled], "o", color="tab:blue", mfc="white", label="not significant")
+    ax.set_yticks(pos, names, fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    shown = "" if len(rows) == n_all else f" ({len(rows)} of {n_all} rows drawn)"
+    ax.set(xlabel=f"{metric} of B - {metric} of A{shown}", title=f"B - A: {metric} (95% paired bootstrap)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)

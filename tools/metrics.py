@@ -175,7 +175,8 @@ def bootstrap_weights(clusters, n_boot: int, seed: int) -> np.ndarray:
     return draws[:, codes].astype(np.float32)
 
 
-def _ci(values: np.ndarray) -> list | None:
+def percentile_ci(values: np.ndarray) -> list | None:
+    """95% percentile interval of the finite bootstrap ``values`` (None with fewer than 10)."""
     values = values[~np.isnan(values)]
     if len(values) < 10:
         return None
@@ -184,10 +185,10 @@ def _ci(values: np.ndarray) -> list | None:
 
 
 def _attach_ci(metrics: dict, boot: dict, labels) -> dict:
-    metrics["macro"]["ci95"] = {m: _ci(boot["macro"][m]) for m in METRICS}
-    metrics["micro"]["ci95"] = {m: _ci(boot["micro"][m]) for m in METRICS}
+    metrics["macro"]["ci95"] = {m: percentile_ci(boot["macro"][m]) for m in METRICS}
+    metrics["micro"]["ci95"] = {m: percentile_ci(boot["micro"][m]) for m in METRICS}
     for j, label in enumerate(labels):
-        metrics["per_class"][label]["ci95"] = {m: _ci(boot["per_class"][j][m]) for m in METRICS}
+        metrics["per_class"][label]["ci95"] = {m: percentile_ci(boot["per_class"][j][m]) for m in METRICS}
     return metrics
 
 
@@ -210,7 +211,7 @@ def difference(a: dict, b: dict, labels) -> dict:
     def block(get):
         out = {m: float(get(a["point"])[m][0] - get(b["point"])[m][0]) for m in METRICS}
         if boot:
-            out["ci95"] = {m: _ci(get(a["boot"])[m] - get(b["boot"])[m]) for m in METRICS}
+            out["ci95"] = {m: percentile_ci(get(a["boot"])[m] - get(b["boot"])[m]) for m in METRICS}
         return out
 
     return {"macro": block(lambda r: r["macro"]),
