@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Chest X-ray failure-analysis suite: train / eval / stress / calibrate / selective / valtool.
+"""Chest X-ray failure-analysis suite: train / eval / stress / calibrate / selective / valtool / compare.
 
 Research and education only; not for clinical use. Flags, files and keys: README.md.
 """
@@ -13,7 +13,8 @@ import time
 
 import numpy as np
 
-from tools.cli import Formatter, common_parser, guarded, run_options, slicing_flags, uncertainty_flags
+from tools.cli import (Formatter, common_parser, guarded, model_options, prediction_flags, run_options, slicing_flags,
+                       uncertainty_flags)
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 
@@ -42,10 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", parents=[common], formatter_class=Formatter,
                         help="metrics, predictions, ROC/PR curves, slices with intervals")
+    prediction_flags(ev)
     slicing_flags(ev)
 
     st = sub.add_parser("stress", parents=[common], formatter_class=Formatter,
                         help="metrics under noise, blur, JPEG, brightness/contrast at 3 severities")
+    prediction_flags(st)
     st.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
     st.add_argument("--group-col", nargs="+", default=[], help="also write stress_by_<C>.csv per column")
     st.add_argument("--bootstrap", type=int, default=1000,
@@ -53,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", parents=[common], formatter_class=Formatter,
                          help="temperature scaling, ECE, reliability diagrams, MC-Dropout, TTA")
+    prediction_flags(cal)
     uncertainty_flags(cal, reuse=True)
     cal.add_argument("--per-label", action="store_true", help="one temperature per label")
 
     sel = sub.add_parser("selective", parents=[common], formatter_class=Formatter,
                          help="risk-coverage, AURC and coverage at target risks")
+    prediction_flags(sel)
     uncertainty_flags(sel, reuse=True)
     sel.add_argument("--confidence", choices=["maxprob", "calibrated", "mc_std", "tta_std", "all"],
                      default="maxprob", help="what ranks the decisions (lower spread = more confident)")
@@ -68,10 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     vt = sub.add_parser("valtool", parents=[common], formatter_class=Formatter,
                         help="the whole suite on a labelled CSV or an unlabelled folder, with report.html")
     vt.add_argument("--image-dir", help="unlabelled folder, searched recursively for png/jpg/jpeg")
+    prediction_flags(vt)
     slicing_flags(vt)
     uncertainty_flags(vt, reuse=False)
     vt.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
+    vt.add_argument("--compare-with", default=None, metavar="A",
+                    help="a reference model (file or predictions CSV): the report compares the audited model with it")
+
+    cmp = sub.add_parser("compare", parents=[common], formatter_class=Formatter,
+                         help="is model B better than model A, and where? paired bootstrap per label and slice")
+    cmp.add_argument("--a", required=True, help="model A: a model file or a predictions CSV")
+    cmp.add_argument("--b", required=True, help="model B: a model file or a predictions CSV")
+    cmp.add_argument("--pred-format", choices=["prob", "logit"], default=None,
+                     help="for a predictions CSV: read <label>_prob or <label>_logit (default: logits when present)")
+    slicing_flags(cmp)
     return parser
 
 
@@ -84,16 +100,15 @@ def start(args):
     return start_run(**run_options(args, args.command))
 
 
-def model_and_data(run, args, splits):
-    """The checkpoint's model, its labels and image size, the input table, and ``splits`` loaded."""
-    from tools.model import load_checkpoint_model
-    from tools.splits import load_split, read_source
+def subject_of(run, args, weights=None, predictions=None):
+    """What the command audits (``tools.audit.Subject``): ``--weights`` or ``--predictions``."""
+    from tools.audit import open_subject
+    from tools.model_files import ModelRequest
 
-    model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
-    labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
-    source = read_source(args.csv, args.img_root, labels, getattr(args, "group_col", ()))
-    data = [load_split(run, source, split, labels, image_size) for split in splits]
-    return model, labels, image_size, source, data
+    request = ModelRequest(**{**model_options(args), "weights": weights or args.weights})
+    return open_subject(run, request, predictions or getattr(args, "predictions", None),
+                        getattr(args, "pred_format", None), args.csv, args.img_root, args.labels,
+                        getattr(args, "group_col", ()), args.compile)
 
 
 # ====== train ======
@@ -115,62 +130,69 @@ def cmd_train(args) -> None:
 # ====== eval ======
 
 def cmd_eval(args) -> None:
-    from tools.inference import clean_pass
     from tools.stages.evaluate import write_evaluation
 
     run = start(args)
-    model, labels, _, _, (data,) = model_and_data(run, args, [args.split])
-    logits = clean_pass(run, model, data)["logits"]
-    write_evaluation(run, data, logits, labels, args.group_col, args.min_group_size, args.bootstrap)
+    subject = subject_of(run, args)
+    data = subject.split(run, args.split)
+    logits = subject.logits(run, data)["logits"]
+    write_evaluation(run, data, logits, subject.labels, args.group_col, args.min_group_size, args.bootstrap)
 
 
 # ====== stress ======
 
 def cmd_stress(args) -> None:
-    from tools.inference import clean_pass, corrupted_logits
+    from tools.inference import corrupted_logits
     from tools.stages.stress import write_stress
 
     run = start(args)
-    model, labels, _, _, (data,) = model_and_data(run, args, [args.split])
-    clean_logits = clean_pass(run, model, data, desc="clean")["logits"]
-    results = corrupted_logits(run, model, data, args.corruptions)
-    write_stress(run, data, clean_logits, results, labels, args.group_col, args.bootstrap)
+    subject = subject_of(run, args)
+    if subject.model is None:
+        raise UserError("stress needs the model: pass --weights (a model file); predictions alone cannot be corrupted")
+    data = subject.split(run, args.split)
+    clean_logits = subject.logits(run, data, desc="clean")["logits"]
+    results = corrupted_logits(run, subject.model, data, args.corruptions)
+    write_stress(run, data, clean_logits, results, subject.labels, args.group_col, args.bootstrap)
 
 
 # ====== calibrate ======
 
 def cmd_calibrate(args) -> None:
-    from tools.predictions import split_logits
-    from tools.stages.calibrate import fitted_temperature, spread, write_calibration
+    from tools.stages.calibrate import fitted_temperature, samplers, spread, write_calibration
 
     run = start(args)
-    model, labels, image_size, source, (test,) = model_and_data(run, args, [args.test_split or args.split])
+    subject = subject_of(run, args)
+    test = subject.split(run, args.test_split or args.split)
+    mc_samples, tta_samples, not_run = samplers(subject, args.mc_samples, args.tta_samples)
     # ====== one clean pass per split; backbone features kept for MC-Dropout ======
-    test_out = split_logits(run, model, test, args.predictions, labels, features=args.mc_samples > 0, desc="test")
-    temperature = fitted_temperature(run, model, source, args.val_split, labels, image_size, args.per_label,
-                                     args.predictions)
-    mc, tta = spread(run, model, test, test_out.get("features"), labels, args.mc_samples, args.tta_samples)
-    write_calibration(run, test, test_out["logits"], labels, temperature, mc, tta, fitted_on=args.val_split)
+    test_out = subject.logits(run, test, features=mc_samples > 0, desc="test")
+    temperature = fitted_temperature(run, subject, args.val_split, args.per_label)
+    mc, tta = spread(run, subject.model, test, test_out.get("features"), subject.labels, mc_samples, tta_samples)
+    write_calibration(run, test, test_out["logits"], subject.labels, temperature, mc, tta, fitted_on=args.val_split,
+                      not_run=not_run)
 
 
 # ====== selective ======
 
 def cmd_selective(args) -> None:
-    from tools.model import read_checkpoint
-    from tools.stages.selective import SIGNALS, from_calibrated_csv, signals_from_model, write_selective
+    from tools.model_files import ModelRequest, read_model_file
+    from tools.stages.selective import (SIGNALS, available_signals, from_calibrated_csv, signals_from_model,
+                                        write_selective)
 
     run = start(args)
     wanted = list(SIGNALS) if args.confidence == "all" else [args.confidence]
     if args.calibrated:
-        labels = args.labels or (list(read_checkpoint(args.weights)["labels"]) if args.weights else None)
+        labels = args.labels or (read_model_file(ModelRequest(**model_options(args)))[1].model_labels
+                                 if args.weights else None)
         if not labels:
-            raise UserError("--calibrated needs --labels (or --weights to read them from the checkpoint)")
+            raise UserError("--calibrated needs --labels (or --weights to read them from the model file)")
         data, probs, signals = from_calibrated_csv(args.calibrated, labels, wanted)
     else:
-        split = args.test_split or args.split
-        model, labels, image_size, source, (data,) = model_and_data(run, args, [split])
-        probs, signals = signals_from_model(run, model, source, data, labels, image_size, wanted, args.val_split,
-                                            args.per_label, args.mc_samples, args.tta_samples, args.predictions)
+        subject = subject_of(run, args)
+        labels, wanted = subject.labels, available_signals(subject, wanted)
+        data = subject.split(run, args.test_split or args.split)
+        probs, signals = signals_from_model(run, subject, data, wanted, args.val_split, args.per_label,
+                                            args.mc_samples, args.tta_samples)
     write_selective(run, data, probs, labels, signals, primary=wanted[0])
 
 
@@ -179,17 +201,38 @@ def cmd_selective(args) -> None:
 def cmd_valtool(args) -> None:
     from tools.valtool import ValtoolOptions, run_valtool
 
+    from tools.model_files import ModelRequest
+
     run = start(args)
-    opts = ValtoolOptions(weights=args.weights, csv=args.csv, image_dir=args.image_dir, img_root=args.img_root,
-                          labels=args.labels, image_size=args.image_size, split=args.split, val_split=args.val_split,
+    opts = ValtoolOptions(model=ModelRequest(**model_options(args)), csv=args.csv, image_dir=args.image_dir,
+                          img_root=args.img_root, labels=args.labels, split=args.split, val_split=args.val_split,
                           group_cols=args.group_col, min_group_size=args.min_group_size, bootstrap=args.bootstrap,
                           mc_samples=args.mc_samples, tta_samples=args.tta_samples, corruptions=args.corruptions,
-                          case_label=args.case_label)
+                          case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,
+                          compare_with=args.compare_with)
     run_valtool(run, opts, compile=args.compile)
 
 
+# ====== compare ======
+
+def cmd_compare(args) -> None:
+    from tools.model_files import ModelRequest
+    from tools.splits import table_split
+    from tools.stages.compare import open_side, side_logits, write_compare
+
+    run = start(args)
+    request = ModelRequest(**model_options(args))
+    a = open_side(run, args.a, request, args.pred_format, args.csv, args.img_root, args.labels, args.group_col)
+    b = open_side(run, args.b, request, args.pred_format, args.csv, args.img_root, args.labels or a.labels,
+                  args.group_col)
+    run.config(a=a.describe(), b=b.describe())
+    data = table_split(b.source, args.split, b.labels)
+    write_compare(run, data, side_logits(run, a, data), side_logits(run, b, data), b.labels, a.describe(),
+                  b.describe(), args.group_col, args.bootstrap)
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stress": cmd_stress, "calibrate": cmd_calibrate,
-            "selective": cmd_selective, "valtool": cmd_valtool}
+            "selective": cmd_selective, "valtool": cmd_valtool, "compare": cmd_compare}
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tools.cli import common_parser, guarded, run_options
+from tools.cli import common_parser, guarded, model_options, run_options
+from tools.errors import UserError
 
 PROG = "make_case_studies.py"
 
@@ -37,14 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def make_case_studies(args) -> dict:
-    from tools.model import load_checkpoint_model
+    from tools.model_files import ModelRequest, load_audited_model
     from tools.runtime import start_run
     from tools.stages.case_studies import CaseOptions, case_studies
+    from tools.table import header
 
     run = start_run(**run_options(args, PROG))
-    model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
-    opts = CaseOptions(preds=args.preds, labels=list(ckpt["labels"]), label=args.label,
-                       image_size=int(ckpt["image_size"]), img_root=args.img_root, weights=args.weights)
+    model, info = load_audited_model(run, ModelRequest(**model_options(args)), args.labels, header(args.preds),
+                                     args.compile)
+    if not info.has_features:
+        raise UserError(f"--weights {args.weights}: Grad-CAM needs the penultimate features, which a TorchScript "
+                        "model does not expose; case studies need a DenseNet-121 layout")
+    opts = CaseOptions(preds=args.preds, labels=info.labels, label=args.label, image_size=info.image_size,
+                       img_root=args.img_root, weights=args.weights)
     return case_studies(run, model, opts)
 
 

@@ -27,7 +27,7 @@ import argparse
 import logging
 import sys
 
-from tools.cli import common_parser, guarded, run_options
+from tools.cli import common_parser, guarded, model_options, run_options
 from tools.errors import UserError
 
 PROG = "run_evidence.py"
@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 # ====== main ======
 
 def run_evidence(args) -> dict:
-    from tools.model import load_checkpoint_model
+    from tools.model_files import ModelRequest, load_audited_model
     from tools.runtime import start_run
     from tools.splits import load_split, read_source
     from tools.stages.evidence import check_results_dirs, index_md, write_data_evidence, write_model_evidence
-    from tools.table import DEFAULT_LABELS, select_split
+    from tools.table import DEFAULT_LABELS, header, select_split
     from tools.files import write_text
 
     # ====== run set-up: every user mistake found before any decoding ======
@@ -72,8 +72,9 @@ def run_evidence(args) -> dict:
     run = start_run(**run_options(args, PROG))
     labels, image_size, model = args.labels or list(DEFAULT_LABELS), args.image_size or DEFAULT_IMAGE_SIZE, None
     if args.weights:
-        model, ckpt = load_checkpoint_model(run, args.weights, args.labels, args.image_size, args.compile)
-        labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
+        model, info = load_audited_model(run, ModelRequest(**model_options(args)), args.labels, header(args.csv),
+                                         args.compile)
+        labels, image_size = info.labels, info.image_size
     source = read_source(args.csv, args.img_root, labels, args.group_col)
     table, group_cols = source.table, args.group_col
     if group_cols is None:

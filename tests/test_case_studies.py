@@ -16,7 +16,8 @@ from tools.errors import UserError
 from tools.files import save_torch
 from tools.predictions import read_predictions
 from tools.stages.case_studies import pick_case
-from tools.model import build_model, checkpoint_dict, load_model
+from tools.model import build_model, checkpoint_dict
+from tools.model_files import load_model
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 SIZE = 64

@@ -14,18 +14,18 @@ LAYERS = [
     ["tools.distributed", "tools.runtime"],                             # a run: device, precision, config
     ["tools.table"],                                                    # the input table
     ["tools.corruptions", "tools.dataset", "tools.cache", "tools.splits"],  # films to pixels
-    ["tools.model"],                                                    # DenseNet-121, checkpoints
+    ["tools.model", "tools.model_files"],                                                    # DenseNet-121, checkpoints
     ["tools.inference", "tools.training"],                              # model passes
-    ["tools.predictions"],                                              # the predictions CSV
-    ["tools.metrics", "tools.slicing", "tools.calibration", "tools.selective", "tools.uncertainty",
-     "tools.gradcam", "tools.image_stats"],                             # analyses: no figures, no files
+    ["tools.predictions", "tools.audit"],                                              # the predictions CSV
+    ["tools.metrics", "tools.slicing", "tools.compare", "tools.calibration", "tools.selective",
+     "tools.uncertainty", "tools.gradcam", "tools.image_stats"],        # analyses: no figures, no files
     ["tools.figures"],                                                  # every figure
     ["tools.stages", "tools.stages.train", "tools.stages.evaluate", "tools.stages.stress",
      "tools.stages.calibrate", "tools.stages.selective", "tools.stages.case_studies",
-     "tools.stages.evidence", "tools.check_data"],                      # compute and write
+     "tools.stages.evidence", "tools.stages.compare", "tools.check_data"],                      # compute and write
     ["tools.html_report"],                                              # report.html
     ["tools.valtool"],                                                  # the whole suite
-    ["tools.make_demo_data", "tools.bench"],                            # stand-alone programs
+    ["tools.make_demo_data", "tools.bench", "tools.export_model"],                            # stand-alone programs
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

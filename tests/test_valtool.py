@@ -12,7 +12,8 @@ from conftest import run_main
 from tools.dataset import SeededAugment, letterbox, load_image
 from tools.inference import mc_dropout_logits
 from tools.metrics import sigmoid
-from tools.model import load_model, to_model_input
+from tools.model import to_model_input
+from tools.model_files import load_model
 
 pytestmark = pytest.mark.slow  # every test needs the trained model and a valtool run
 
@@ -32,7 +33,7 @@ def spread_samples(weights, paths, mc_samples, tta_samples):
     forward, and one forward pass of the whole model per TTA draw."""
     model, checkpoint = load_model(weights)
     model.eval()
-    films = [letterbox(load_image(p), checkpoint["image_size"]) for p in paths]
+    films = [letterbox(load_image(p), checkpoint.image_size) for p in paths]
     with torch.no_grad():
         head, model.classifier = model.classifier, torch.nn.Identity()
         features = model(model_input(films)).numpy()

@@ -524,6 +524,7 @@ def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
     from tools.model import checkpoint_dict
     from tools.runtime import Run
     from tools.table import read_table, resolve_paths, select_split
+    from tools.model_files import ModelRequest
     from tools.valtool import ValtoolOptions, run_valtool
 
     weights, out = b.tmp / "bench.pt", b.tmp / "valtool"
@@ -532,7 +533,7 @@ def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
     counts = {"split": 0, "other": 0}
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, b.device, b.precision, b.opts.seed, cache_dir=b.tmp / "cache" / "valtool", command="valtool")
-    opts = ValtoolOptions(weights=str(weights), csv=str(csv), img_root=str(csv.parent), tta_samples=VALTOOL_TTA,
+    opts = ValtoolOptions(model=ModelRequest(str(weights)), csv=str(csv), img_root=str(csv.parent), tta_samples=VALTOOL_TTA,
                           mc_samples=VALTOOL_MC, bootstrap=VALTOOL_BOOTSTRAP)
     captured = io.StringIO()
     with patched_predict(counting_predict(test_paths, counts)), \

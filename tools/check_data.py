@@ -191,12 +191,13 @@ def patient_problem(shared: dict[str, list[str]]) -> str:
 # ====== the whole check ======
 
 def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True,
-               images: bool = True) -> dict:
+               images: bool = True, files: bool = True) -> dict:
     """Run every check; return the report (``problems`` empty when the data are clean).
 
     Raises UserError for usage errors: no readable CSV, no ``image_path`` column, a label
     without a column, an image folder that does not exist. ``images=False`` skips decoding every
-    file (valtool has already decoded its split once and knows which failed)."""
+    file (valtool has already decoded its split once and knows which failed); ``files=False`` does
+    not look for the files at all (an audit of predictions alone reads no image)."""
     start = time.perf_counter()
     labels = list(labels)
     df = read_csv_file(csv)
@@ -220,7 +221,8 @@ def check_data(csv, img_root, labels, num_workers: int | None = None, progress: 
 
     paths = resolve_paths(df, img_root)
     try:
-        check_images_exist(paths, csv, img_root)
+        if files:
+            check_images_exist(paths, csv, img_root)
     except UserError as exc:
         problems.append(str(exc))
     workers = num_workers if num_workers else available_cores()

@@ -37,9 +37,25 @@ def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
                       help="decoded-image cache (default $CXR_CACHE_DIR or ~/.cache/cxr_suite)")
     data.add_argument("--no-cache", action="store_true", help="keep decoded images in memory only")
     model = parent.add_argument_group("model")
-    model.add_argument("--weights", help="checkpoint written by train (best.pt / last.pt)")
+    model.add_argument("--weights", help="model file: a checkpoint written by train (best.pt / last.pt), a torchvision "
+                       "DenseNet-121 state_dict, a CheXNet model.pth.tar, a torchxrayvision DenseNet-121 state_dict "
+                       "or a TorchScript archive (README: Auditing a model you did not train)")
     model.add_argument("--image-size", type=int, default=None,
-                       help="model input size in px (train: 224; other commands: the checkpoint's)")
+                       help="model input size in px (train: 224; other commands: the checkpoint's, 224 for other "
+                            "DenseNet-121 layouts)")
+    model.add_argument("--model-labels", nargs="+", default=None,
+                       help="names of the file's outputs in order ('' for an output not analysed) when the file "
+                            "does not name them; --labels then picks the analysed ones")
+    model.add_argument("--input-norm", choices=["imagenet", "xrv", "unit"], default=None,
+                       help="input scaling: ImageNet mean/std, torchxrayvision's [-1024, 1024], or [0, 1] "
+                            "(default: the layout's)")
+    model.add_argument("--input-channels", type=int, choices=[1, 3], default=None,
+                       help="input channels, the grayscale film replicated (default: the layout's)")
+    model.add_argument("--model-output", choices=["logit", "prob"], default=None,
+                       help="what a TorchScript model returns (default logit)")
+    model.add_argument("--mc-dropout", type=float, default=None,
+                       help="dropout p that MC head sampling applies (default: the checkpoint's; 0.2 for a model "
+                            "trained without one)")
     run = parent.add_argument_group("run")
     where = "%(default)s" if outdir else "outputs/<command>"
     run.add_argument("--outdir", default=outdir, help=f"output folder (default {where})")
@@ -67,17 +83,33 @@ def slicing_flags(parser) -> None:
 
 
 def uncertainty_flags(parser, reuse: bool) -> None:
-    """``reuse``: also --test-split and --predictions (calibrate and selective; valtool reports
-    --split from its own clean pass)."""
+    """``reuse``: also --test-split (calibrate and selective; valtool reports --split)."""
     group = parser.add_argument_group("calibration and uncertainty")
     group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
     if reuse:
         group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
     group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
     group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
-    if reuse:
-        group.add_argument("--predictions", nargs="+", default=None,
-                           help="predictions_<split>.csv from eval: their logits are reused instead of a model pass")
+
+
+def prediction_flags(parser) -> None:
+    """--predictions and --pred-format: analyses on predictions, with or without a model."""
+    group = parser.add_argument_group("predictions")
+    group.add_argument("--predictions", nargs="+", default=None, metavar="CSV",
+                       help="predictions CSV(s) (one per split, or one with every split): image_path and "
+                            "<label>_prob or <label>_logit columns. Without --weights the analyses run on them "
+                            "alone (images are not read); with --weights they stand in for the clean model pass")
+    group.add_argument("--pred-format", choices=["prob", "logit"], default=None,
+                       help="read <label>_prob or <label>_logit columns (default: logits when present)")
+
+
+def model_options(args) -> dict:
+    """``tools.model_files.ModelRequest``'s fields from the model flags."""
+    if args.mc_dropout is not None and not 0.0 <= args.mc_dropout < 1.0:
+        raise UserError(f"--mc-dropout {args.mc_dropout}: must be in [0, 1)")
+    return {"weights": args.weights, "model_labels": args.model_labels, "image_size": args.image_size,
+            "input_norm": args.input_norm, "input_channels": args.input_channels,
+            "model_output": args.model_output, "mc_dropout": args.mc_dropout}
 
 
 def run_options(args, command: str) -> dict:

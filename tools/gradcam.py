@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from tools.model import feature_map, head, pool, unwrap
+from tools.model import feature_map, head, head_linear, pool, unwrap
 
 OVERLAY_ALPHA = 0.4
 
@@ -31,15 +31,15 @@ OVERLAY_ALPHA = 0.4
 def gradcam(model, x: torch.Tensor, label_index: int) -> np.ndarray:
     """Grad-CAM heatmap (H, W) float32 in [0, 1] of label ``label_index`` for one image.
 
-    ``x`` is one normalised image (1, 3, H, W) as made by ``tools.model.to_model_input``. The map
+    ``x`` is one normalised image (1, C, H, W) as made by ``tools.model.to_model_input``. The map
     is ReLU(sum_k alpha_k A^k) (module docstring), resized to (H, W) bilinearly and divided by its
     maximum; an image with no positive evidence for the label gets all zeros. The model is run in
     eval mode and left in the mode it was in.
     """
-    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-        raise ValueError(f"gradcam takes one image of shape (1, 3, H, W), got {tuple(x.shape)}")
+    if x.ndim != 4 or x.shape[0] != 1 or x.shape[1] not in (1, 3):
+        raise ValueError(f"gradcam takes one image of shape (1, C, H, W), C 1 or 3, got {tuple(x.shape)}")
     net = unwrap(model)
-    n_labels = head(net)[-1].out_features
+    n_labels = head_linear(net).out_features
     if not 0 <= int(label_index) < n_labels:
         raise ValueError(f"label_index {label_index} out of range for {n_labels} labels")
     was_training = net.training

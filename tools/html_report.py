@@ -263,9 +263,15 @@ def header_section(summary: dict, config: dict | None, generated: str) -> Html:
     labels = summary.get("labels") or args.get("labels") or []
     unlabelled = summary.get("mode") == "unlabelled"
     model = args.get("weights")
+    audited = summary.get("model") if isinstance(summary.get("model"), dict) else {}
     if model and ckpt:
         model = (f"{model} ({ckpt.get('arch', '?')}, epoch {fmt(ckpt.get('epoch'))}, "
                  f"image size {fmt(ckpt.get('image_size'))})")
+    elif audited:
+        record = audited.get("record") or {}
+        spec = (f", input {record.get('input_norm')} x{record.get('input_channels')} at {record.get('image_size')} px"
+                if record else "")
+        model = f"{audited.get('file')} (layout: {audited.get('layout')}{spec})"
     items = [
         ("Mode", "unlabelled image folder (no ground truth)" if unlabelled else "labelled CSV"),
         ("Image folder" if unlabelled else "CSV", summary.get("image_dir") if unlabelled else summary.get("csv")),
@@ -377,6 +383,39 @@ def eval_section(outdir: Path) -> Html:
         p.name for p in folder.glob("group_metrics_*.png")}
     parts += other_figures(folder, shown)
     return section("Evaluation", parts, "eval")
+
+
+def not_run_section(summary: dict) -> Html:
+    """The analyses that could not run on what was audited (predictions alone, TorchScript), and why."""
+    not_run = summary.get("not_run") if isinstance(summary.get("not_run"), dict) else {}
+    if not not_run:
+        return Html("")
+    names = {"stress": "Stress test", "mc_dropout": "MC-Dropout", "tta": "Test-time augmentation",
+             "case_studies": "Grad-CAM case studies"}
+    rows = [[names.get(k, k), why] for k, why in not_run.items()]
+    return section("Not run", [table(["analysis", "why"], rows)], "not-run")
+
+
+def compare_section(outdir: Path, summary: dict) -> Html:
+    """The reference model (A) against the audited one (B): differences with paired intervals."""
+    folder = outdir / "compare"
+    result = read_json_optional(folder / "compare.json")
+    if not isinstance(result, dict) or "_error" in result:
+        return Html("")
+    a, b, d = result.get("a") or {}, result.get("b") or {}, result.get("decisions") or {}
+    parts = [facts([("A (reference)", f"{a.get('file')} ({a.get('layout')})"),
+                    ("B (audited)", f"{b.get('file')} ({b.get('layout')})"),
+                    ("Decisions at 0.5", f"{fmt(d.get('changed'))} of {fmt(d.get('pairs'))} change: "
+                                         f"{fmt(d.get('fixed'))} fixed by B, {fmt(d.get('broken'))} broken by B")]),
+             note("diff = B - A with a 95% paired patient-bootstrap interval; p_holm: Holm-adjusted over every row "
+                  "of compare.csv. B is better where the interval lies above 0 and p_holm < 0.05.")]
+    df = read_csv_optional(folder / "compare.csv")
+    if df is not None:
+        shown = df[df["scope"] != "group"].drop(columns=["scope", "group_col", "group"])
+        parts.append(frame_table(shown))
+    parts += [figure(p, f"B - A per label and slice, {p.stem.removeprefix('compare_')}, 95% paired bootstrap "
+                        "intervals; filled markers: p_holm < 0.05.") for p in sorted(folder.glob("compare_*.png"))]
+    return section("Compared with a reference model", parts, "compare")
 
 
 def stress_section(outdir: Path, summary: dict) -> Html:
@@ -662,11 +701,11 @@ def build_report(outdir, generated: str | None = None) -> str:
     generated = generated or datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     parts = [header_section(summary, config if isinstance(config, dict) else None, generated)]
     if summary.get("mode") == "unlabelled":
-        parts += [failures_section(summary), unlabelled_section(outdir, summary)]
+        parts += [failures_section(summary), not_run_section(summary), unlabelled_section(outdir, summary)]
     else:
-        parts += [headline_section(summary), failures_section(summary), eval_section(outdir),
-                  stress_section(outdir, summary), calibration_section(outdir, summary),
-                  selective_section(outdir, summary)]
+        parts += [headline_section(summary), failures_section(summary), not_run_section(summary),
+                  compare_section(outdir, summary), eval_section(outdir), stress_section(outdir, summary),
+                  calibration_section(outdir, summary), selective_section(outdir, summary)]
     parts += [case_studies_section(outdir), data_checks_section(outdir), config_section(config)]
     title = f"cxr failure analysis: {summary.get('csv') or summary.get('image_dir') or outdir.name}"
     # ASCII with character references: the file reads the same whatever the reader's default encoding

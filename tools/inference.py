@@ -11,7 +11,7 @@ from torch import nn
 from tools import distributed
 from tools.corruptions import apply_corruption
 from tools.dataset import SeededAugment, make_loader
-from tools.model import backbone_features, head, to_model_input
+from tools.model import backbone_features, has_backbone, head, input_spec, to_model_input
 from tools.runtime import Run, autocast
 from tools.splits import SplitData
 
@@ -20,18 +20,26 @@ from tools.splits import SplitData
 def predict(model: nn.Module, loader, device: torch.device, precision: str = "fp32",
             channels_last: bool = True, features: bool = False, progress: str | None = None) -> dict:
     """Run the model over ``loader``; returns ``logits`` (N, L) float32 in row order, and the pooled
-    backbone ``features`` (N, 1024) when asked (MC-Dropout samples the head on them).
+    backbone ``features`` (N, 1024) when asked (MC-Dropout samples the head on them; a model
+    without a backbone, TorchScript, has none to give).
     Under torchrun each rank runs its shard and every rank gets all rows back."""
     from tqdm import tqdm
 
     model.eval()
+    spec, split = input_spec(model), has_backbone(model)
+    if features and not split:
+        raise ValueError("this model has no backbone features (TorchScript); check has_backbone first")
+    channels_last = channels_last and split
     index, logits, feats = [], [], []
     show = progress is not None and distributed.is_main()
     for batch in tqdm(loader, desc=progress, unit="batch", disable=not show, leave=False):
-        x = to_model_input(batch["image"].to(device, non_blocking=True), channels_last)
+        x = to_model_input(batch["image"].to(device, non_blocking=True), channels_last, spec)
         with autocast(device, precision):
-            f = backbone_features(model, x)
-            out = head(model)(f)
+            if split:
+                f = backbone_features(model, x)
+                out = head(model)(f)
+            else:
+                out = model(x)
         index.append(batch["index"].numpy())
         logits.append(out.float().cpu().numpy())
         if features:
@@ -51,7 +59,8 @@ def mc_dropout_logits(model: nn.Module, features: np.ndarray, samples: int, seed
     backbone is untouched because the backbone is not re-run."""
     classifier = head(model)
     dropout = next((m for m in classifier if isinstance(m, nn.Dropout)), None)
-    linear = next(m for m in classifier if isinstance(m, nn.Linear))
+    after = [m for m in classifier if not isinstance(m, nn.Dropout)]  # the Linear (and an output map)
+    linear = next(m for m in after if isinstance(m, nn.Linear))
     device = device or next(linear.parameters()).device
     p = dropout.p if dropout is not None else 0.0
     feats = torch.as_tensor(features, dtype=torch.float32, device=device)
@@ -63,7 +72,9 @@ def mc_dropout_logits(model: nn.Module, features: np.ndarray, samples: int, seed
             sample = feats * keep / (1 - p)
         else:
             sample = feats
-        out.append(linear(sample).float().cpu().numpy())
+        for module in after:
+            sample = module(sample)
+        out.append(sample.float().cpu().numpy())
     return np.stack(out) if out else np.zeros((0,) + (len(features), linear.out_features), np.float32)
 
 

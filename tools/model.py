@@ -1,13 +1,19 @@
 """The one DenseNet-121 builder, its input normalisation, its checkpoints, and the split into
 backbone features and head.
 
-Head: ``Dropout(p)`` then ``Linear(1024, n_labels)`` as ``model.classifier``. The dropout is an
-``nn.Dropout`` module in front of the head so MC-Dropout can sample it (torchvision's dense layers
-drop out functionally, so toggling modules there would change nothing).
+Head: ``Dropout(p)`` then ``Linear(1024, n_labels)`` as ``model.classifier``, optionally followed
+by an :class:`OperatingPoints` map (a torchxrayvision model's per-output thresholds). The dropout
+is an ``nn.Dropout`` module in front of the head so MC-Dropout can sample it (torchvision's dense
+layers drop out functionally, so toggling modules there would change nothing).
+
+Input: every model carries an :class:`InputSpec` (``model.input_spec``): how uint8 films become
+its input tensor (ImageNet-normalised RGB for this suite's and torchvision-style models,
+[-1024, 1024] single-channel for torchxrayvision's, or [0, 1]).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,13 +21,37 @@ import torch.nn.functional as F
 from torch import nn
 
 from tools.errors import UserError
-from tools.runtime import Run
 
 ARCH = "densenet121"
 FEATURE_DIM = 1024
 # ImageNet statistics, applied to the grayscale film replicated to three channels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_NORMS = ("imagenet", "xrv", "unit")
+# torchvision 0.3-era checkpoints name dense-layer parts "norm.1" where the module says "norm1".
+_OLD_DENSE_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                            r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a uint8 film becomes the model's input: ``norm`` imagenet (x/255, ImageNet mean/std),
+    xrv (x/255 mapped to [-1024, 1024], torchxrayvision's scale) or unit (x/255); ``channels`` 1
+    or 3 (the grayscale film replicated)."""
+    norm: str = "imagenet"
+    channels: int = 3
+
+
+SUITE_INPUT = InputSpec("imagenet", 3)
+
+
+def modern_densenet_keys(state: dict) -> dict:
+    """``state`` with torchvision 0.3-era dense-layer names (``norm.1``) renamed (``norm1``)."""
+    fixed = {}
+    for key, value in state.items():
+        match = _OLD_DENSE_KEY.match(key)
+        fixed[match.group(1) + match.group(2) if match else key] = value
+    return fixed
 
 
 def imagenet_weights_file() -> Path:
@@ -48,20 +78,17 @@ def _backbone_state_dict(pretrained: str) -> dict:
                         "only tensors are loaded (weights_only=True)") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    # torchvision's published file names dense-layer parts "norm.1" where the module says "norm1".
-    pattern = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
-    fixed = {}
-    for key, value in state.items():
-        match = pattern.match(key)
-        fixed[match.group(1) + match.group(2) if match else key] = value
-    return {k: v for k, v in fixed.items() if not k.startswith("classifier")}
+    return {k: v for k, v in modern_densenet_keys(state).items() if not k.startswith("classifier")}
 
 
-def build_model(n_labels: int, dropout: float = 0.2, pretrained: str = "none") -> nn.Module:
-    """DenseNet-121 with the multi-label head; ``pretrained`` is ``none``, ``imagenet`` or a path."""
+def build_model(n_labels: int, dropout: float = 0.2, pretrained: str = "none", in_channels: int = 3) -> nn.Module:
+    """DenseNet-121 with the multi-label head; ``pretrained`` is ``none``, ``imagenet`` or a path;
+    ``in_channels`` 1 builds torchxrayvision's single-channel stem."""
     from torchvision.models import densenet121
 
     model = densenet121(weights=None)
+    if in_channels != 3:
+        model.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if pretrained != "none":
         missing, unexpected = model.load_state_dict(_backbone_state_dict(pretrained), strict=False)
         missing = [k for k in missing if not k.startswith("classifier")]
@@ -106,14 +133,56 @@ def head(model: nn.Module) -> nn.Sequential:
     return unwrap(model).classifier
 
 
-def to_model_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (B, H, W) -> float (B, 3, H, W), grayscale replicated, ImageNet-normalised.
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The head's ``Linear(1024, n_labels)``."""
+    return next(m for m in head(model) if isinstance(m, nn.Linear))
+
+
+def has_backbone(model: nn.Module) -> bool:
+    """True for a DenseNet-121 split into ``features`` and ``classifier`` (every layout but
+    TorchScript): MC head sampling, Grad-CAM and feature-based analyses need it."""
+    net = unwrap(model)
+    return hasattr(net, "features") and isinstance(getattr(net, "classifier", None), nn.Sequential)
+
+
+class OperatingPoints(nn.Module):
+    """torchxrayvision's output map as a logit: p = sigmoid(z) becomes p / (2 t) below the
+    output's threshold t and 1 - (1 - p) / (2 (1 - t)) above it, so t maps to 0.5; an output
+    without a threshold (NaN) is 0.5. Returned as logit(p), clipped at 1e-7, so every analysis
+    that takes logits sees the probabilities the model reports."""
+
+    def __init__(self, thresholds: torch.Tensor):
+        super().__init__()
+        self.register_buffer("thresholds", torch.as_tensor(thresholds, dtype=torch.float32).clone())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        p, t = torch.sigmoid(z.float()), self.thresholds.to(z.device)
+        mapped = torch.where(p < t, p / (2 * t), 1.0 - (1.0 - p) / (2 * (1 - t)))
+        mapped = torch.where(torch.isnan(t), torch.full_like(p, 0.5), mapped).clamp(1e-7, 1 - 1e-7)
+        return torch.log(mapped) - torch.log1p(-mapped)
+
+
+def input_spec(model: nn.Module | None) -> InputSpec:
+    """The model's :class:`InputSpec` (this suite's for a model without one)."""
+    return getattr(unwrap(model), "input_spec", SUITE_INPUT) if model is not None else SUITE_INPUT
+
+
+def to_model_input(images: torch.Tensor, channels_last: bool = False, spec: InputSpec = SUITE_INPUT) -> torch.Tensor:
+    """uint8 (B, H, W) -> float (B, C, H, W) as ``spec`` says (default: grayscale replicated to
+    three channels, ImageNet-normalised).
 
     Done on the model's device, so loaders move uint8 (4x less data than float)."""
     x = images.float().div_(255.0).unsqueeze(1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    if spec.norm == "xrv":
+        x = x * 2048.0 - 1024.0
+    if spec.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    if spec.norm == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean[:, :spec.channels]) / std[:, :spec.channels]
+    else:
+        x = x.contiguous()
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -156,35 +225,3 @@ def read_checkpoint(path) -> dict:
     if not isinstance(ckpt, dict) or not {"model", "labels", "arch"} <= set(ckpt):
         raise UserError(f"--weights {path}: not a checkpoint of this suite (needs model, labels, arch)")
     return ckpt
-
-
-def load_model(path, labels=None, image_size=None) -> tuple[nn.Module, dict]:
-    """Model and checkpoint dict from ``path``; labels/image size must match when given."""
-    ckpt = read_checkpoint(path)
-    if ckpt["arch"] != ARCH:
-        raise UserError(f"--weights {path}: architecture {ckpt['arch']!r}, this suite builds {ARCH!r}")
-    if labels is not None and list(labels) != list(ckpt["labels"]):
-        raise UserError(f"--weights {path}: trained on labels {' '.join(ckpt['labels'])}, --labels says "
-                        f"{' '.join(labels)}; pass the checkpoint's labels or omit --labels")
-    if image_size is not None and int(image_size) != int(ckpt["image_size"]):
-        raise UserError(f"--weights {path}: trained at --image-size {ckpt['image_size']}, asked for "
-                        f"{image_size}; omit --image-size or pass {ckpt['image_size']}")
-    model = build_model(len(ckpt["labels"]), ckpt.get("dropout", 0.0))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise UserError(f"--weights {path}: weights do not fit DenseNet-121 with "
-                        f"{len(ckpt['labels'])} labels") from None
-    return model, ckpt
-
-
-def load_checkpoint_model(run: Run, weights, labels=None, image_size=None, compile: bool = False):
-    """Model from ``weights`` on the run's device, ready for inference, and its checkpoint dict;
-    ``labels``/``image_size``, when given, must match the checkpoint's. The checkpoint's record
-    goes into config.json."""
-    if not weights:
-        raise UserError(f"--weights is required for {run.command}: pass a best.pt written by train")
-    model, ckpt = load_model(weights, labels, image_size)
-    run.config(checkpoint={k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch",
-                                                    "val_macro_auroc")})
-    return prepare_model(model, run.device, compile=compile), ckpt

@@ -49,37 +49,100 @@ def spread_columns(label: str, j: int, mc: dict | None, tta: dict | None) -> dic
 
 # ====== reading back ======
 
-def logits_from_predictions(files, data: SplitData, labels) -> np.ndarray | None:
-    """Logits of ``data``'s rows from predictions CSVs written by eval (matched by image_path),
-    so a later stage does not run the model again. None when the files hold none of the rows."""
-    if not files:
-        return None
-    frames = []
-    for f in files:
-        if not Path(f).is_file():
-            raise UserError(f"--predictions {f}: file not found; pass predictions_<split>.csv written by eval")
-        frames.append(pd.read_csv(f))
-    preds = pd.concat(frames, ignore_index=True).drop_duplicates("image_path", keep="last").set_index("image_path")
-    cols = [f"{label}_logit" for label in labels]
-    missing = [c for c in cols if c not in preds.columns]
+PRED_FORMATS = ("prob", "logit")
+PROB_CLIP = 1e-7
+
+
+def _read_prediction_file(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--predictions {path}: file not found; pass a CSV with image_path and <label>_prob or "
+                        "<label>_logit columns (eval writes predictions_<split>.csv)")
+    try:
+        df = pd.read_csv(path, dtype={"image_path": str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"--predictions {path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"--predictions {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if "image_path" not in df.columns:
+        raise UserError(f"--predictions {path}: no image_path column; columns are: {', '.join(map(str, df.columns))}")
+    return df.assign(_file=str(path), _row=np.arange(len(df)) + 2)
+
+
+def predicted_labels(files) -> list:
+    """Labels L with a ``<L>_prob`` or ``<L>_logit`` column in the first predictions file."""
+    columns = pd.read_csv(files[0], nrows=0).columns if Path(files[0]).is_file() else []
+    found = []
+    for col in map(str, columns):
+        for suffix in ("_logit", "_prob"):
+            if col.endswith(suffix) and col[: -len(suffix)] not in found:
+                found.append(col[: -len(suffix)])
+    return found
+
+
+def read_logits(files, labels, pred_format: str | None = None) -> tuple[pd.DataFrame, str]:
+    """(logits of ``labels`` indexed by image_path, the format read) from predictions CSVs: one
+    per split or one for all. ``pred_format`` prob or logit picks ``<L>_prob`` or ``<L>_logit``
+    columns (default: logits when every label has them, else probabilities); probabilities become
+    logits with clipping at 1e-7. Every value is checked (a probability in [0, 1], a finite
+    logit), and an image listed twice is an error."""
+    frame = pd.concat([_read_prediction_file(f) for f in files], ignore_index=True)
+    if pred_format is None:
+        pred_format = "logit" if all(f"{lbl}_logit" in frame.columns for lbl in labels) else "prob"
+    cols = [f"{lbl}_{pred_format}" for lbl in labels]
+    missing = [c for c in cols if c not in frame.columns]
     if missing:
-        raise UserError(f"--predictions: column(s) {', '.join(missing)} not found; pass files written by eval "
-                        "with the same labels")
-    found = data.df["image_path"].astype(str).isin(preds.index)
-    if not found.any():
+        raise UserError(f"--predictions {' '.join(map(str, files))}: column(s) {', '.join(missing)} not found "
+                        f"(--pred-format {pred_format}); columns are: {', '.join(c for c in frame.columns if c[0] != '_')}")
+    dup = frame["image_path"].duplicated(keep=False)
+    if dup.any():
+        first = frame[dup].iloc[:2]
+        where = " and ".join(f"{f} row {r}" for f, r in zip(first["_file"], first["_row"]))
+        raise UserError(f"--predictions: image {first['image_path'].iloc[0]} has two predictions ({where}); "
+                        f"{int(dup.sum())} rows are repeated, keep one per image")
+    out = pd.DataFrame(index=frame["image_path"].astype(str))
+    for label, col in zip(labels, cols):
+        values = pd.to_numeric(frame[col], errors="coerce").to_numpy(float)
+        ok = np.isfinite(values) & ((values >= 0) & (values <= 1) if pred_format == "prob" else True)
+        if not ok.all():
+            pos = int(np.flatnonzero(~ok)[0])
+            allowed = "a probability in [0, 1]" if pred_format == "prob" else "a finite number"
+            raise UserError(f"--predictions {frame['_file'].iloc[pos]}: column {col}, row {frame['_row'].iloc[pos]}: "
+                            f"value {frame[col].iloc[pos]!r} is not {allowed} ({int((~ok).sum())} such rows)")
+        if pred_format == "prob":
+            values = np.clip(values, PROB_CLIP, 1 - PROB_CLIP)
+            values = np.log(values) - np.log1p(-values)
+        out[label] = values
+    return out, pred_format
+
+
+def unmatched(paths, index, limit: int = 3) -> tuple[int, list]:
+    """(how many of ``paths`` are not in ``index``, the first ``limit`` of them)."""
+    missing = ~pd.Index(paths).isin(index)
+    return int(missing.sum()), list(pd.Index(paths)[missing][:limit])
+
+
+def logits_of_rows(preds: pd.DataFrame, data: SplitData, labels, required: bool = True) -> np.ndarray | None:
+    """Logits of ``data``'s rows (matched by image_path) from :func:`read_logits`' table. A row
+    without a prediction is an error (both counts and the first ones); with ``required`` False,
+    a split the predictions hold none of gives None instead (the model runs on it)."""
+    paths = data.df["image_path"].astype(str)
+    count, first = unmatched(paths, preds.index)
+    if count == len(paths) and not required:
         return None
-    if not found.all():
-        raise UserError(f"--predictions: {int((~found).sum())} of {len(found)} rows of split {data.name} are not in "
-                        f"the predictions (first: {data.df['image_path'][~found].iloc[0]}); pass eval's file for this split")
-    return preds.loc[data.df["image_path"].astype(str), cols].to_numpy(np.float32)
+    if count:
+        raise UserError(f"--predictions: {count} of {len(paths)} rows of split {data.name} have no prediction "
+                        f"(first: {', '.join(first)}); the predictions hold {len(preds)} rows; pass predictions "
+                        "for every row of the split")
+    return preds.loc[paths, list(labels)].to_numpy(np.float32)
 
 
-def split_logits(run: Run, model, data: SplitData, predictions, labels, features: bool = False,
-                 desc: str = "predict") -> dict:
-    """Logits of a split: read from the ``predictions`` CSVs when they cover it and no features
-    are needed, else one clean pass."""
-    if not features:
-        logits = logits_from_predictions(predictions, data, labels)
+def split_logits(run: Run, model, data: SplitData, predictions: pd.DataFrame | None, labels,
+                 features: bool = False, desc: str = "predict") -> dict:
+    """Logits of a split: from ``predictions`` (:func:`read_logits`) when they hold its rows and
+    no features are needed, else one clean pass; without a model they must hold every row."""
+    if predictions is not None and (not features or model is None):
+        logits = logits_of_rows(predictions, data, labels, required=model is None)
         if logits is not None:
             log.info("split %s: logits read from --predictions (no model pass)", data.name)
             return {"logits": logits}

@@ -119,6 +119,13 @@ def load_split(run: Run, source: Source, split: str | None, labels, image_size: 
     return data
 
 
+def table_split(source: Source, split: str | None, labels) -> SplitData:
+    """Rows of ``split`` without their pixels: for analyses of predictions alone, where the
+    images are not read and need not exist."""
+    df = select_split(source.table, split, source.csv)
+    return SplitData(split, df, resolve_paths(df, source.img_root), label_matrix(df, labels), None, None)
+
+
 def find_images(folder) -> list[str]:
     """Every image file under ``folder`` (recursively), sorted."""
     folder = Path(folder)

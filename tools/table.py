@@ -58,6 +58,14 @@ def read_csv_file(csv) -> pd.DataFrame:
     return df
 
 
+def header(csv) -> list[str]:
+    """The column names of ``csv`` (none when it cannot be read: :func:`read_table` then says why)."""
+    try:
+        return [str(c) for c in pd.read_csv(csv, nrows=0).columns]
+    except (OSError, ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        return []
+
+
 def check_label_columns(df: pd.DataFrame, csv, labels) -> None:
     """Every label has a column; the error lists the columns there are."""
     missing = [label for label in labels if label not in df.columns]

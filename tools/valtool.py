@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from tools import distributed, figures
+from tools.audit import Subject, open_subject
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_json
@@ -22,13 +23,13 @@ from tools.html_report import write_report
 from tools.image_stats import image_quality
 from tools.inference import clean_pass, corrupted_logits
 from tools.metrics import sigmoid
-from tools.model import load_checkpoint_model
-from tools.predictions import predictions_frame, spread_columns
+from tools.model_files import ModelRequest
+from tools.predictions import predictions_frame, spread_columns, unmatched
 from tools.runtime import Run
-from tools.splits import load_folder, load_split, read_source
+from tools.splits import load_folder
 from tools.stages import case_studies as cases
 from tools.stages import stress
-from tools.stages.calibrate import fitted_temperature, spread, write_calibration
+from tools.stages.calibrate import fitted_temperature, samplers, spread, write_calibration
 from tools.stages.evaluate import write_evaluation
 from tools.stages.selective import confidence_signals, write_selective
 from tools.uncertainty import public
@@ -39,7 +40,7 @@ log = logging.getLogger("cxr")
 @dataclass
 class ValtoolOptions:
     """What valtool runs on and how (main.py's flags of the same names)."""
-    weights: str
+    model: ModelRequest           # the model file (weights None: predictions alone)
     csv: str | None = None        # labelled mode
     image_dir: str | None = None  # unlabelled mode
     img_root: str = "."
@@ -54,48 +55,83 @@ class ValtoolOptions:
     tta_samples: int = 8
     corruptions: list = field(default_factory=lambda: list(SEVERITIES))
     case_label: str | None = None
+    predictions: list | None = None
+    pred_format: str | None = None
+    compare_with: str | None = None  # a reference model (A) the audited one (B) is compared with
 
 
 def _flag(kind, message, size=None, ci95=None) -> dict:
     return {"kind": kind, "message": message, "size": size, "ci95": ci95}
 
 
-def run_labelled(run: Run, opts: ValtoolOptions, model, labels, image_size: int) -> dict:
-    source = read_source(opts.csv, opts.img_root, labels, opts.group_cols)
-    table = source.table
-    data = load_split(run, source, opts.split, labels, image_size)
+def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
+    labels, model, table = subject.labels, subject.model, subject.source.table
+    data = subject.split(run, opts.split)
+    mc_samples, tta_samples, not_run = samplers(subject, opts.mc_samples, opts.tta_samples)
     # ====== the one clean pass ======
-    clean = clean_pass(run, model, data, features=opts.mc_samples > 0, desc="clean")
+    clean = subject.logits(run, data, features=mc_samples > 0, desc="clean")
     logits = clean["logits"]
     probs = sigmoid(logits)
     # ====== eval with slicing ======
     ev = write_evaluation(run.stage("eval"), data, logits, labels, opts.group_cols, opts.min_group_size,
                           opts.bootstrap)
     # ====== stress: the only passes besides TTA ======
-    results = corrupted_logits(run, model, data, opts.corruptions)
-    summary_table = stress.write_stress(run.stage("stress"), data, logits, results, labels, opts.group_cols,
-                                        opts.bootstrap)
-    # ====== calibration and spread ======
-    has_val = "split" in table.columns and (table["split"].astype(str) == opts.val_split).any()
-    temperature = None
-    if has_val:
-        temperature = fitted_temperature(run, model, source, opts.val_split, labels, image_size)
+    results, summary_table = {}, pd.DataFrame()
+    if subject.missing("model"):
+        not_run["stress"] = subject.missing("model")
     else:
-        log.warning("no %r split in --csv: temperature not fitted, calibration reported at T = 1", opts.val_split)
-    mc, tta = spread(run, model, data, clean.get("features"), labels, opts.mc_samples, opts.tta_samples)
+        results = corrupted_logits(run, model, data, opts.corruptions)
+        summary_table = stress.write_stress(run.stage("stress"), data, logits, results, labels, opts.group_cols,
+                                            opts.bootstrap)
+    # ====== calibration and spread ======
+    temperature = None
+    if _can_fit(subject, table, opts.val_split):
+        temperature = fitted_temperature(run, subject, opts.val_split)
+    mc, tta = spread(run, model, data, clean.get("features"), labels, mc_samples, tta_samples)
     cal = write_calibration(run.stage("calibrate"), data, logits, labels, 1.0 if temperature is None else temperature,
-                            mc, tta, fitted_on=opts.val_split if has_val else None)
+                            mc, tta, fitted_on=opts.val_split if temperature is not None else None, not_run=not_run)
     # ====== selective ======
     signals = confidence_signals(logits, temperature, mc, tta)
     sel = write_selective(run.stage("selective"), data, probs, labels, signals, primary="maxprob")
-    passes = model_passes(results, tta, opts.tta_samples)
+    passes = model_passes(results, tta, tta_samples) if model is not None else 0
+    compared = _compare(run, opts, subject, data, logits) if opts.compare_with else None
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
     summary = _labelled_summary(opts, labels, data, ev, summary_table, cal, sel, passes)
-    summary["data_checks"] = _data_checks(run, opts, labels)
+    summary["data_checks"] = _data_checks(run, opts, labels, files=model is not None)
     summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
-    summary["case_studies"] = _case_studies(run, opts, model, labels, image_size)
+    if subject.missing("features"):
+        not_run["case_studies"] = subject.missing("features")
+        summary["case_studies"] = None
+    else:
+        summary["case_studies"] = _case_studies(run, opts, model, labels, subject.image_size)
+    summary["not_run"] = not_run
+    if compared is not None:
+        summary["compare"] = compared
     return summary
+
+
+def _can_fit(subject: Subject, table, split: str) -> bool:
+    """True when ``split`` has rows the subject can predict (with predictions alone, they must
+    cover it); else the calibration is reported at T = 1 with a warning."""
+    rows = table["image_path"][table["split"].astype(str) == split] if "split" in table.columns else table.iloc[:0]
+    if not len(rows):
+        log.warning("no %r split in --csv: temperature not fitted, calibration reported at T = 1", split)
+        return False
+    if subject.model is None and unmatched(rows.astype(str), subject.predictions.index)[0]:
+        log.warning("--predictions do not cover split %r: temperature not fitted, calibration reported at T = 1", split)
+        return False
+    return True
+
+
+def _compare(run: Run, opts: ValtoolOptions, subject: Subject, data, logits) -> dict:
+    """compare/: the reference model ``--compare-with`` (A) against the audited one (B)."""
+    from tools.stages.compare import open_side, side_logits, write_compare
+
+    reference = open_side(run, opts.compare_with, opts.model, opts.pred_format, opts.csv, opts.img_root, subject.labels)
+    a_logits = side_logits(run, reference, data)
+    return write_compare(run.stage("compare"), data, a_logits, logits, subject.labels, reference.describe(),
+                         subject.describe(), opts.group_cols, opts.bootstrap)
 
 
 def model_passes(results, tta, tta_samples: int) -> int:
@@ -103,12 +139,12 @@ def model_passes(results, tta, tta_samples: int) -> int:
     return 1 + len(results) + (tta_samples if tta is not None else 0)
 
 
-def _data_checks(run: Run, opts: ValtoolOptions, labels) -> dict:
+def _data_checks(run: Run, opts: ValtoolOptions, labels, files: bool = True) -> dict:
     """Table-level checks of the whole CSV (labels, duplicates, patients across splits,
     prevalence); images were already decoded once for the split, so they are not decoded again."""
     from tools.check_data import check_data
 
-    report = check_data(opts.csv, opts.img_root, labels, progress=False, images=False)
+    report = check_data(opts.csv, opts.img_root, labels, progress=False, images=False, files=files)
     report["skipped_images"] = run.skipped
     write_json(run.stage("data_checks").outdir / "data_checks.json", report)
     for line in report["problems"] + report["warnings"]:
@@ -122,7 +158,7 @@ def _case_studies(run: Run, opts: ValtoolOptions, model, labels, image_size: int
     if label not in labels:
         raise UserError(f"--case-label {label}: not one of the labels ({' '.join(labels)})")
     case_opts = cases.CaseOptions(preds=str(run.outdir / "eval" / f"predictions_{opts.split}.csv"), labels=labels,
-                                  label=label, image_size=image_size, img_root=opts.img_root, weights=opts.weights)
+                                  label=label, image_size=image_size, img_root=opts.img_root, weights=opts.model.weights)
     found = cases.case_studies(run.stage("case_studies"), model, case_opts)["cases"]
     return {kind: {k: c[k] for k in ("figure", "image_path", "exact", "why_nearest")} for kind, c in found.items()}
 
@@ -134,7 +170,8 @@ def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal,
         flagged.append(_flag("slice", f"{f['group_col']}={f['group']}: {f['label']} {f['metric']} "
                              f"{f['gap']:+.3f} vs the rest" + (" (small group)" if f["small"] else ""),
                              f["gap"], f["ci95"]))
-    for _, r in stress_table[stress_table["corruption"] != "clean"].iterrows():
+    corrupted = stress_table[stress_table["corruption"] != "clean"] if len(stress_table) else stress_table
+    for _, r in corrupted.iterrows():
         for lbl in labels:
             d, hi = r[f"delta_auroc_{lbl}"], r[f"delta_auroc_{lbl}_hi"]
             # a drop of at least 0.02 whose paired interval lies below 0 (or, without intervals, 0.05)
@@ -166,13 +203,14 @@ def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal,
 
 # ====== unlabelled folder ======
 
-def run_unlabelled(run: Run, opts: ValtoolOptions, model, labels, image_size: int) -> dict:
+def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
+    model, labels, image_size = subject.model, subject.labels, subject.image_size
     data = load_folder(run, opts.image_dir, len(labels), image_size)
     paths, df = data.paths, data.df
-    clean = clean_pass(run, model, data, features=opts.mc_samples > 0, desc="clean")
+    mc_samples, tta_samples, not_run = samplers(subject, opts.mc_samples, opts.tta_samples)
+    clean = clean_pass(run, model, data, features=mc_samples > 0, desc="clean")
     probs = sigmoid(clean["logits"])
-    mc, tta = spread(run, model, data, clean.get("features"), labels, opts.mc_samples, opts.tta_samples,
-                     labelled=False)
+    mc, tta = spread(run, model, data, clean.get("features"), labels, mc_samples, tta_samples, labelled=False)
     extra = {}
     for j, lbl in enumerate(labels):
         extra.update(spread_columns(lbl, j, mc, tta))
@@ -211,8 +249,16 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, model, labels, image_size: in
             "mean_probability": {lbl: float(probs[:, j].mean()) for j, lbl in enumerate(labels)},
             "uncertainty": {"mc_dropout": public(mc), "tta": public(tta)},
             "largest_prediction_shift": _largest_shift(shifts, labels),
-            "model_passes_over_split": model_passes(results, tta, opts.tta_samples),
-            "flagged_problems": flagged, "note": NOTICE}
+            "model_passes_over_split": model_passes(results, tta, tta_samples),
+            "flagged_problems": flagged, "not_run": not_run, "note": NOTICE}
+
+
+def _folder_subject(run: Run, opts: ValtoolOptions, compile: bool) -> Subject:
+    """The model of an unlabelled run: its outputs named by --labels or, without, all named ones."""
+    from tools.model_files import load_audited_model
+
+    model, info = load_audited_model(run, opts.model, opts.labels, None, compile)
+    return Subject(model, info, info.labels, None)
 
 
 def _largest_shift(shifts, labels):
@@ -229,11 +275,19 @@ def _largest_shift(shifts, labels):
 def run_valtool(run: Run, opts: ValtoolOptions, compile: bool = False) -> dict:
     if bool(opts.csv) == bool(opts.image_dir):
         raise UserError("valtool takes either --csv (labelled) or --image-dir DIR (unlabelled folder), not both/neither")
-    model, ckpt = load_checkpoint_model(run, opts.weights, opts.labels, opts.image_size, compile)
-    labels, image_size = list(ckpt["labels"]), int(ckpt["image_size"])
-    mode = run_labelled if opts.csv else run_unlabelled
-    summary = mode(run, opts, model, labels, image_size)
+    if opts.image_dir:
+        if not opts.model.weights:
+            raise UserError("valtool --image-dir needs the model: pass --weights (predictions cannot be made for new images)")
+        if opts.predictions:
+            raise UserError("valtool --image-dir runs the model on the folder's images; --predictions applies to --csv")
+        subject = _folder_subject(run, opts, compile)
+        summary = run_unlabelled(run, opts, subject)
+    else:
+        subject = open_subject(run, opts.model, opts.predictions, opts.pred_format, opts.csv, opts.img_root,
+                               opts.labels, opts.group_cols, compile)
+        summary = run_labelled(run, opts, subject)
     if distributed.is_main():
+        summary["model"] = {**subject.describe(), **({"record": subject.info.record()} if subject.info else {})}
         write_json(run.outdir / "summary.json", summary)
         log.info("report: %s", write_report(run.outdir).resolve())
     return summary

@@ -2,27 +2,44 @@
 after, MC-Dropout and TTA spread, reliability diagrams and the calibrated predictions CSV."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from tabulate import tabulate
 
 from tools import distributed, figures
+from tools.audit import Subject
 from tools.calibration import apply_temperature, calibration_report, fit_temperature
 from tools.files import NOTICE, write_csv, write_json
 from tools.inference import mc_dropout_logits, tta_logits
 from tools.metrics import sigmoid
-from tools.predictions import predictions_frame, split_logits, spread_columns
+from tools.predictions import predictions_frame, spread_columns
 from tools.runtime import Run
-from tools.splits import Source, SplitData, load_split
+from tools.splits import SplitData
 from tools.uncertainty import public, spread_stats
 
+log = logging.getLogger("cxr")
 
-def fitted_temperature(run: Run, model, source: Source, split: str, labels, image_size: int,
-                       per_label: bool = False, predictions=None):
-    """Temperature fitted on the clean logits of ``split`` (read from ``predictions`` when they
-    cover it): a number, or one per label with ``per_label``."""
-    val = load_split(run, source, split, labels, image_size)
-    logits = split_logits(run, model, val, predictions, labels, desc=split)["logits"]
+
+def fitted_temperature(run: Run, subject: Subject, split: str, per_label: bool = False):
+    """Temperature fitted on the clean logits of ``split`` (from the subject's predictions when
+    they hold its rows): a number, or one per label with ``per_label``."""
+    val = subject.split(run, split)
+    logits = subject.logits(run, val, desc=split)["logits"]
     return fit_temperature(logits, val.y, per_label=per_label)
+
+
+def samplers(subject: Subject, mc_samples: int, tta_samples: int) -> tuple[int, int, dict]:
+    """(MC samples, TTA draws) the subject can run, and {sampler: why not} for those asked for
+    that it cannot (MC head sampling needs the backbone features, TTA the model)."""
+    not_run = {}
+    if mc_samples > 0 and subject.missing("features"):
+        not_run["mc_dropout"], mc_samples = subject.missing("features"), 0
+    if tta_samples > 0 and subject.missing("model"):
+        not_run["tta"], tta_samples = subject.missing("model"), 0
+    for name, why in not_run.items():
+        log.warning("%s: %s", name, why)
+    return mc_samples, tta_samples, not_run
 
 
 def spread(run: Run, model, data: SplitData, features, labels, mc_samples: int, tta_samples: int,
@@ -40,11 +57,12 @@ def spread(run: Run, model, data: SplitData, features, labels, mc_samples: int, 
 
 
 def write_calibration(run: Run, data: SplitData, logits, labels, temperature, mc: dict | None,
-                      tta: dict | None, fitted_on: str | None) -> dict:
+                      tta: dict | None, fitted_on: str | None, not_run: dict | None = None) -> dict:
     """calibration_summary.json, reliability_*.png, predictions_calibrated_<split>.csv.
 
     ``temperature`` is a number or one per label; ``fitted_on`` names the split it was fitted on
-    (None: not fitted, reported at T = 1)."""
+    (None: not fitted, reported at T = 1); ``not_run``: {sampler: why} for samplers that could
+    not run."""
     if not distributed.is_main():
         return {}
 
@@ -61,8 +79,9 @@ def write_calibration(run: Run, data: SplitData, logits, labels, temperature, mc
         lbl: {f"{k}_{when}": rep["per_class"][lbl][k] for k in ("ece", "nll", "brier", "auroc")
               for when, rep in (("before", before), ("after", after))}
         for lbl in labels}
-    summary["mc_dropout"] = public(mc) or {"samples": 0}
-    summary["tta"] = public(tta) or {"samples": 0}
+    not_run = not_run or {}
+    for key, stats in (("mc_dropout", mc), ("tta", tta)):
+        summary[key] = public(stats) or {"samples": 0, **({"not_run": not_run[key]} if key in not_run else {})}
     summary["note"] = NOTICE
     write_json(run.outdir / "calibration_summary.json", summary)
     t_text = ", ".join(f"{v:.2f}" for v in np.atleast_1d(temperature))

@@ -21,7 +21,7 @@ from tools.files import write_json
 from tools.gradcam import gradcam
 from tools.inference import predict
 from tools.metrics import sigmoid
-from tools.model import to_model_input
+from tools.model import input_spec, to_model_input
 from tools.predictions import read_predictions
 from tools.runtime import Run
 from tools.table import resolve_paths
@@ -130,7 +130,7 @@ def probabilities(run: Run, model, films) -> np.ndarray:
 
 
 def heatmap(model, image, label_index: int, device) -> np.ndarray:
-    return gradcam(model, to_model_input(torch.from_numpy(image)[None].to(device)), label_index)
+    return gradcam(model, to_model_input(torch.from_numpy(image)[None].to(device), spec=input_spec(model)), label_index)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_text
 from tools.image_stats import brightness_stats, image_intensity
 from tools.metrics import best_thresholds, sigmoid, threshold_sweep
-from tools.predictions import split_logits
+from tools.predictions import read_logits, split_logits
 from tools.runtime import Run
 from tools.splits import SplitData
 from tools.table import NO_SPLIT, prevalence, split_column
@@ -207,7 +207,8 @@ def write_model_evidence(run: Run, model, data: SplitData, split: str | None, cs
     outdir = run.outdir
     test = data.select(split, csv)
     split, n = test.name or "all", len(test.df)
-    probs = sigmoid(split_logits(run, model, test, predictions, labels, desc=split)["logits"])
+    reuse = read_logits(predictions, labels)[0] if predictions else None
+    probs = sigmoid(split_logits(run, model, test, reuse, labels, desc=split)["logits"])
     sweep = threshold_sweep(test.y, probs, labels)
     best = best_thresholds(sweep)
     written = [(write_csv(outdir / "threshold_sweep.csv", sweep),

@@ -2,24 +2,28 @@
 confidence signal, all ranking the same decisions (the clean probability at 0.5)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 from tabulate import tabulate
 
 from tools import distributed, figures
+from tools.audit import Subject
 from tools.calibration import apply_temperature
 from tools.errors import UserError
 from tools.files import write_csv, write_json
 from tools.inference import mc_dropout_logits, tta_logits
 from tools.metrics import sigmoid
-from tools.predictions import signal_columns, split_logits
+from tools.predictions import signal_columns
 from tools.runtime import Run
 from tools.selective import (confidence_from_probs, confidence_from_spread, known_decisions, oracle_curve,
                              risk_coverage, summary_of_curve)
-from tools.splits import Source, SplitData
+from tools.splits import SplitData
 from tools.stages.calibrate import fitted_temperature
 from tools.table import label_matrix, read_table
+
+log = logging.getLogger("cxr")
 
 SIGNALS = ("maxprob", "calibrated", "mc_std", "tta_std")
 
@@ -49,18 +53,34 @@ def from_calibrated_csv(path, labels, wanted) -> tuple[SplitData, object, dict]:
     return data, probs, signals
 
 
-def signals_from_model(run: Run, model, source: Source, data: SplitData, labels, image_size: int, wanted,
-                       val_split: str = "val", per_label: bool = False, mc_samples: int = 20,
-                       tta_samples: int = 8, predictions=None) -> tuple[object, dict]:
+def available_signals(subject: Subject, wanted) -> list:
+    """The ``wanted`` signals the subject can give: MC spread needs the backbone features and TTA
+    the model; asked for by name, a missing one is an error, within ``all`` it is left out."""
+    needs = {"mc_std": "features", "tta_std": "model"}
+    out = []
+    for signal in wanted:
+        why = subject.missing(needs[signal]) if signal in needs else None
+        if why and len(wanted) == 1:
+            raise UserError(f"--confidence {signal} {why}; use maxprob or calibrated")
+        if why:
+            log.warning("--confidence %s %s", signal, why)
+        else:
+            out.append(signal)
+    return out
+
+
+def signals_from_model(run: Run, subject: Subject, data: SplitData, wanted, val_split: str = "val",
+                       per_label: bool = False, mc_samples: int = 20, tta_samples: int = 8) -> tuple[object, dict]:
     """(clean probabilities, {signal: confidence}) of ``data``, running only the passes the
-    ``wanted`` signals need (the clean logits may come from ``predictions``)."""
+    ``wanted`` signals need (the clean logits may come from the subject's predictions)."""
     for signal, samples, flag in (("mc_std", mc_samples, "--mc-samples"), ("tta_std", tta_samples, "--tta-samples")):
         if signal in wanted and samples <= 0:
             raise UserError(f"--confidence {signal} needs {flag} > 0")
-    out = split_logits(run, model, data, predictions, labels, features="mc_std" in wanted, desc="test")
+    out = subject.logits(run, data, features="mc_std" in wanted, desc="test")
     temperature = mc = tta = None
+    model = subject.model
     if "calibrated" in wanted:
-        temperature = fitted_temperature(run, model, source, val_split, labels, image_size, per_label, predictions)
+        temperature = fitted_temperature(run, subject, val_split, per_label)
     if "mc_std" in wanted:
         mc = {"std": sigmoid(mc_dropout_logits(model, out["features"], mc_samples, run.seed, run.device)).std(0)}
     if "tta_std" in wanted:
