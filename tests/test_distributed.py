@@ -63,3 +63,23 @@ def test_torchrun_train_and_sharded_eval_match_one_process(demo, trained, tmp_pa
         assert ga["groups"][group]["n"] == block["n"]
         for label, metrics in block["per_class"].items():
             assert ga["groups"][group]["per_class"][label]["auroc"] == pytest.approx(metrics["auroc"], abs=1e-9)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built in")
+def test_torchrun_compare_of_a_model_file_and_predictions_matches_one_process(demo, trained, tmp_path):
+    """compare under torchrun: the model side's pass sharded, the table written once, equal to one
+    process's (a CheXNet-layout copy of the trained model against eval's predictions)."""
+    from tools.export_model import export
+
+    root, csv = demo
+    export(trained / "best.pt", "chexnet", tmp_path / "model.pth.tar")
+    base = ["--csv", csv, "--img-root", root, "--precision", "fp32", "--num-workers", 0]
+    assert run_main("eval", *base, "--weights", trained / "best.pt", "--bootstrap", 0, "--outdir", tmp_path / "ev") == 0
+    common = [*base, "--a", tmp_path / "ev" / "predictions_test.csv", "--b", tmp_path / "model.pth.tar",
+              "--image-size", SIZE, "--group-col", "view", "--bootstrap", 100, "--batch-size", 7]
+    proc = _torchrun("compare", *common, "--outdir", tmp_path / "ddp")
+    assert proc.stderr.count("compare done") == 1
+    assert run_main("compare", *common, "--outdir", tmp_path / "one") == 0
+    a, b = (pd.read_csv(tmp_path / d / "compare.csv") for d in ("ddp", "one"))
+    pd.testing.assert_frame_equal(a, b, atol=1e-9)
+    assert np.nanmax(np.abs(b["diff"])) < 1e-5  # the same model on both sides
