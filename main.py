@@ -100,15 +100,13 @@ def start(args):
     return start_run(**run_options(args, args.command))
 
 
-def subject_of(run, args, weights=None, predictions=None):
+def subject_of(run, args):
     """What the command audits (``tools.audit.Subject``): ``--weights`` or ``--predictions``."""
     from tools.audit import open_subject
     from tools.model_files import ModelRequest
 
-    request = ModelRequest(**{**model_options(args), "weights": weights or args.weights})
-    return open_subject(run, request, predictions or getattr(args, "predictions", None),
-                        getattr(args, "pred_format", None), args.csv, args.img_root, args.labels,
-                        getattr(args, "group_col", ()), args.compile)
+    return open_subject(run, ModelRequest(**model_options(args)), args.predictions, args.pred_format, args.csv,
+                        args.img_root, args.labels, getattr(args, "group_col", ()), args.compile)
 
 
 # ====== train ======
