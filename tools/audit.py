@@ -18,7 +18,7 @@ from tools.model_files import ModelInfo, ModelRequest, load_audited_model
 from tools.predictions import predicted_labels, read_logits, split_logits, unmatched
 from tools.runtime import Run
 from tools.splits import Source, SplitData, load_split, read_source, table_split
-from tools.table import header
+from tools.table import header, pick_labels
 
 log = logging.getLogger("cxr")
 
@@ -105,14 +105,8 @@ def _predicted_labels(files, requested, columns) -> list:
     """The analysed labels of predictions: ``--labels``, else every predicted label that the
     input table has a column for."""
     available = predicted_labels(files)
-    if requested:
-        missing = [label for label in requested if label not in available]
-        if missing:
-            raise UserError(f"--labels {' '.join(missing)}: no <label>_prob/_logit column in --predictions {files[0]}; "
-                            f"--labels says {' '.join(requested)}, the predictions have {' '.join(available) or 'none'}")
-        return list(requested)
-    chosen = [label for label in available if label in set(columns)]
-    if not chosen:
-        raise UserError(f"--predictions {files[0]}: none of its labels ({' '.join(available) or 'none'}) is a column of "
-                        "--csv; pass --labels")
-    return chosen
+    return pick_labels(available, requested, columns,
+                       lacking=f"no <label>_prob/_logit column in --predictions {files[0]}",
+                       holder="the predictions have",
+                       none_in_data=f"--predictions {files[0]}: none of its labels ({' '.join(available) or 'none'}) "
+                                    "is a column of --csv; pass --labels")

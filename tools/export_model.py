@@ -33,9 +33,10 @@ from tools.errors import UserError
 from tools.files import save_torch
 from tools.model import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 from tools.model_files import CHESTXRAY14, XRV_PATHOLOGIES, load_model
+from tools.model_files import LAYOUTS as READ_LAYOUTS
 
 PROG = "python -m tools.export_model"
-LAYOUTS = ("torchvision", "chexnet", "xrv", "torchscript")
+LAYOUTS = tuple(layout for layout in READ_LAYOUTS if layout != "suite")
 
 
 def _plain(model) -> tuple[dict, torch.Tensor, torch.Tensor]:

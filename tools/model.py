@@ -158,8 +158,7 @@ class OperatingPoints(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         p, t = torch.sigmoid(z.float()), self.thresholds.to(z.device)
         mapped = torch.where(p < t, p / (2 * t), 1.0 - (1.0 - p) / (2 * (1 - t)))
-        mapped = torch.where(torch.isnan(t), torch.full_like(p, 0.5), mapped).clamp(1e-7, 1 - 1e-7)
-        return torch.log(mapped) - torch.log1p(-mapped)
+        return torch.logit(torch.where(torch.isnan(t), torch.full_like(p, 0.5), mapped), eps=1e-7)
 
 
 def input_spec(model: nn.Module | None) -> InputSpec:

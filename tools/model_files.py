@@ -40,6 +40,7 @@ from tools.errors import UserError
 from tools.model import (ARCH, FEATURE_DIM, INPUT_NORMS, InputSpec, OperatingPoints, build_model,
                          modern_densenet_keys, prepare_model)
 from tools.runtime import Run
+from tools.table import pick_labels
 
 log = logging.getLogger("cxr")
 
@@ -116,10 +117,7 @@ class ScriptedModel(nn.Module):
         out = out.float()
         if len(self.select):
             out = out[:, self.select.to(out.device)]
-        if self.output == "prob":
-            out = out.clamp(1e-7, 1 - 1e-7)
-            out = torch.log(out) - torch.log1p(-out)
-        return out
+        return torch.logit(out, eps=1e-7) if self.output == "prob" else out
 
 
 # ====== reading a file ======
@@ -319,19 +317,10 @@ def choose_labels(info: ModelInfo, requested, columns) -> list:
     model's named outputs that the data has a column for (this suite's checkpoint, or ``columns``
     None for data without labels: all of them)."""
     named = [name for name in info.model_labels if name]
-    if requested:
-        missing = [label for label in requested if label not in named]
-        if missing:
-            raise UserError(f"--labels {' '.join(missing)}: not among the model's outputs; --labels says "
-                            f"{' '.join(requested)}, {info.weights} ({info.layout}) has {' '.join(named)}")
-        return list(requested)
-    if info.layout == "suite" or columns is None:
-        return named
-    chosen = [name for name in named if name in set(columns)]
-    if not chosen:
-        raise UserError(f"--weights {info.weights}: none of the model's outputs ({' '.join(named)}) is a column of "
-                        "the data; pass --labels, or --model-labels with the data's names")
-    return chosen
+    return pick_labels(named, requested, None if info.layout == "suite" else columns,
+                       lacking="not among the model's outputs", holder=f"{info.weights} ({info.layout}) has",
+                       none_in_data=f"--weights {info.weights}: none of the model's outputs ({' '.join(named)}) is a "
+                                    "column of the data; pass --labels, or --model-labels with the data's names")
 
 
 def select_outputs(model: nn.Module, info: ModelInfo, labels) -> nn.Module:

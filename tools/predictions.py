@@ -17,6 +17,7 @@ from tools.errors import UserError
 from tools.inference import clean_pass
 from tools.runtime import Run
 from tools.splits import SplitData
+from tools.table import read_csv_at
 
 log = logging.getLogger("cxr")
 
@@ -49,23 +50,12 @@ def spread_columns(label: str, j: int, mc: dict | None, tta: dict | None) -> dic
 
 # ====== reading back ======
 
-PRED_FORMATS = ("prob", "logit")
 PROB_CLIP = 1e-7
 
 
 def _read_prediction_file(path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--predictions {path}: file not found; pass a CSV with image_path and <label>_prob or "
-                        "<label>_logit columns (eval writes predictions_<split>.csv)")
-    try:
-        df = pd.read_csv(path, dtype={"image_path": str})
-    except pd.errors.EmptyDataError:
-        raise UserError(f"--predictions {path}: the file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"--predictions {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    if "image_path" not in df.columns:
-        raise UserError(f"--predictions {path}: no image_path column; columns are: {', '.join(map(str, df.columns))}")
+    df = read_csv_at(path, "--predictions", "pass a CSV with image_path and <label>_prob or <label>_logit columns "
+                     "(eval writes predictions_<split>.csv)", image_path=True)
     return df.assign(_file=str(path), _row=np.arange(len(df)) + 2)
 
 
@@ -163,14 +153,8 @@ def read_predictions(path, labels, label) -> pd.DataFrame:
     """The predictions CSV, validated: ``image_path``, the ``label`` column (0/1/empty) and
     ``<L>_prob`` in [0, 1] for every label L. Label and probability columns come back as float."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--preds {path}: file not found; pass predictions_<split>.csv written by main.py eval")
-    try:
-        df = pd.read_csv(path, dtype={"image_path": str})
-    except pd.errors.EmptyDataError:
-        raise UserError(f"--preds {path}: the file is empty; pass predictions_<split>.csv written by main.py eval") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"--preds {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    where = "pass predictions_<split>.csv written by main.py eval"
+    df = read_csv_at(path, "--preds", where, f"; {where}")
     needed = ["image_path", label] + [f"{lbl}_prob" for lbl in labels]
     missing = [c for c in needed if c not in df.columns]
     if missing:

@@ -42,20 +42,48 @@ def read_csv_file(csv) -> pd.DataFrame:
 
     The steps of :func:`read_table` are separate functions so that the data checks can run each
     one, report what fails and go on with the rest."""
-    csv = Path(csv)
-    if not csv.is_file():
-        raise UserError(f"--csv {csv}: file not found; pass the path of the input CSV")
-    try:
-        df = pd.read_csv(csv, dtype={"image_path": str}, keep_default_na=True)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"--csv {csv}: the file is empty; it needs a header with image_path and label columns") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise UserError(f"--csv {csv}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    if "image_path" not in df.columns:
-        raise UserError(f"--csv {csv}: no image_path column; columns are: {', '.join(map(str, df.columns))}")
+    df = read_csv_at(csv, "--csv", "pass the path of the input CSV",
+                     "; it needs a header with image_path and label columns", image_path=True)
     if len(df) == 0:
         raise UserError(f"--csv {csv}: the table has a header but no rows")
     return df
+
+
+def read_csv_at(path, flag: str, where: str, empty: str = "", image_path: bool = False) -> pd.DataFrame:
+    """``path`` read as a CSV (``image_path`` as text); a missing, empty or unreadable file (and,
+    with ``image_path``, a table without that column) is a one-line error naming ``flag`` and the
+    file. ``where`` says what to pass instead of a missing file; ``empty`` ends the empty-file line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: file not found; {where}")
+    try:
+        df = pd.read_csv(path, dtype={"image_path": str}, keep_default_na=True)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{flag} {path}: the file is empty{empty}") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag} {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    if image_path and "image_path" not in df.columns:
+        raise UserError(f"{flag} {path}: no image_path column; columns are: {', '.join(map(str, df.columns))}")
+    return df
+
+
+def pick_labels(available, requested, columns, lacking: str, holder: str, none_in_data: str) -> list:
+    """The analysed labels: ``requested`` (``--labels``; each must be ``available``, else the error
+    ``--labels <missing>: <lacking>; --labels says ..., <holder> <available>``), or else the
+    ``available`` ones that ``columns`` has (all of them when ``columns`` is None; none is the
+    error ``none_in_data``)."""
+    if requested:
+        missing = [label for label in requested if label not in available]
+        if missing:
+            raise UserError(f"--labels {' '.join(missing)}: {lacking}; --labels says {' '.join(requested)}, "
+                            f"{holder} {' '.join(available) or 'none'}")
+        return list(requested)
+    if columns is None:
+        return list(available)
+    chosen = [label for label in available if label in set(columns)]
+    if not chosen:
+        raise UserError(none_in_data)
+    return chosen
 
 
 def header(csv) -> list[str]:
