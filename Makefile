@@ -27,7 +27,7 @@ demo: install
 	$(PY) main.py stress $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site --outdir $(OUT)/stress
 	$(PY) main.py calibrate $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --outdir $(OUT)/calibrate
 	$(PY) main.py selective --calibrated $(OUT)/calibrate/predictions_calibrated_test.csv --weights $(OUT)/train/best.pt --confidence all --outdir $(OUT)/selective
-	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site --outdir $(OUT)/valtool
+	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site num_findings_bin --outdir $(OUT)/valtool
 	@echo "report: $(CURDIR)/$(OUT)/valtool/report.html"
 
 test: install

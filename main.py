@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dropout", type=float, default=0.2, help="dropout before the head (MC-Dropout samples it)")
     opt.add_argument("--pretrained", default="imagenet",
                      help="imagenet (from the local torch cache), none, or a weights file PATH")
-    opt.add_argument("--auto-split", nargs=3, type=float, metavar=("TRAIN", "VAL", "TEST"),
-                     help="make a patient-grouped split with these fractions (written to <outdir>/splits.csv)")
+    opt.add_argument("--auto-split", nargs="+", type=float, metavar="FRACTION",
+                     help="make a patient-grouped split: TRAIN VAL TEST, or TRAIN VAL CALIB TEST to set a split aside "
+                          "for the temperature (written to <outdir>/splits.csv)")
     opt.add_argument("--resume", action="store_true", help="continue from <outdir>/last.pt")
 
     ev = sub.add_parser("eval", parents=[common], formatter_class=Formatter,
@@ -156,24 +157,26 @@ def cmd_stress(args) -> None:
 # ====== calibrate ======
 
 def cmd_calibrate(args) -> None:
-    from tools.stages.calibrate import fitted_temperature, samplers, spread, write_calibration
+    from tools.stages.calibrate import calibration_split, samplers, spread, temperature_fit, write_calibration
 
     run = start(args)
     subject = subject_of(run, args)
     test = subject.split(run, args.test_split or args.split)
+    fit_split = calibration_split(subject.source.table, args.calib_split, args.val_split)
     mc_samples, tta_samples, not_run = samplers(subject, args.mc_samples, args.tta_samples)
     # ====== one clean pass per split; backbone features kept for MC-Dropout ======
     test_out = subject.logits(run, test, features=mc_samples > 0, desc="test")
-    temperature = fitted_temperature(run, subject, args.val_split, args.per_label)
+    fit = temperature_fit(run, subject, fit_split, args.per_label)
     mc, tta = spread(run, subject.model, test, test_out.get("features"), subject.labels, mc_samples, tta_samples)
-    write_calibration(run, test, test_out["logits"], subject.labels, temperature, mc, tta, fitted_on=args.val_split,
-                      not_run=not_run)
+    write_calibration(run, test, test_out["logits"], subject.labels, fit.temperature, mc, tta, fitted_on=fit_split,
+                      not_run=not_run, fit=fit, bootstrap=args.bootstrap)
 
 
 # ====== selective ======
 
 def cmd_selective(args) -> None:
     from tools.model_files import ModelRequest, read_model_file
+    from tools.stages.calibrate import calibration_split
     from tools.stages.selective import (SIGNALS, available_signals, from_calibrated_csv, signals_from_model,
                                         write_selective)
 
@@ -189,9 +192,11 @@ def cmd_selective(args) -> None:
         subject = subject_of(run, args)
         labels, wanted = subject.labels, available_signals(subject, wanted)
         data = subject.split(run, args.test_split or args.split)
-        probs, signals = signals_from_model(run, subject, data, wanted, args.val_split, args.per_label,
+        fit_split = (calibration_split(subject.source.table, args.calib_split, args.val_split)
+                     if "calibrated" in wanted else None)
+        probs, signals = signals_from_model(run, subject, data, wanted, fit_split, args.per_label,
                                             args.mc_samples, args.tta_samples)
-    write_selective(run, data, probs, labels, signals, primary=wanted[0])
+    write_selective(run, data, probs, labels, signals, primary=wanted[0], bootstrap=args.bootstrap)
 
 
 # ====== valtool ======
@@ -204,6 +209,7 @@ def cmd_valtool(args) -> None:
     run = start(args)
     opts = ValtoolOptions(model=ModelRequest(**model_options(args)), csv=args.csv, image_dir=args.image_dir,
                           img_root=args.img_root, labels=args.labels, split=args.split, val_split=args.val_split,
+                          calib_split=args.calib_split,
                           group_cols=args.group_col, min_group_size=args.min_group_size, bootstrap=args.bootstrap,
                           mc_samples=args.mc_samples, tta_samples=args.tta_samples, corruptions=args.corruptions,
                           case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,

@@ -122,7 +122,8 @@ def test_calibrate_and_selective_on_predictions(vendor, tmp_path):
     out = tmp_path / "cal"
     assert _run(vendor, "calibrate", out, "--predictions", vendor["dir"] / "b.csv") == 0
     summary = json.loads((out / "calibration_summary.json").read_text())
-    val = (vendor["table"]["split"] == "val").to_numpy()
+    assert summary["fit_split"] == "calib"  # the demo sets a split aside for the temperature
+    val = (vendor["table"]["split"] == "calib").to_numpy()
     z, y = _logit(vendor["b"][val]).ravel(), vendor["y"][val].ravel()
     z, y = z[~np.isnan(y)], y[~np.isnan(y)]
 

@@ -170,7 +170,7 @@ def test_calibrate_fits_temperature_on_val_logits(demo, trained, evaluated, tmp_
     val_out = tmp_path / "val"
     assert run_main("eval", *_common(demo, trained, val_out, "--split", "val", "--bootstrap", 0)) == 0
     out = tmp_path / "cal"
-    assert run_main("calibrate", *_common(demo, trained, out, "--mc-samples", 10, "--tta-samples", 2,
+    assert run_main("calibrate", *_common(demo, trained, out, "--mc-samples", 10, "--tta-samples", 2, "--calib-split", "val",
                                           "--predictions", val_out / "predictions_val.csv",
                                           evaluated / "predictions_test.csv")) == 0
     summary = json.loads((out / "calibration_summary.json").read_text())

@@ -229,7 +229,7 @@ def patients_table(n_patients=300, seed=0):
 
 
 @pytest.mark.parametrize("fractions", [(0.7, 0.1, 0.1), (0.5, 0.6, -0.1), (0.5, 0.5)])
-def test_auto_split_fractions_must_be_three_nonnegative_summing_to_one(fractions):
+def test_auto_split_fractions_must_be_three_or_four_nonnegative_summing_to_one(fractions):
     with pytest.raises(UserError, match="sum to 1"):
         auto_split(patients_table(10), fractions, seed=0)
 
@@ -416,3 +416,12 @@ def test_loader_workers_do_not_hang_after_the_parent_used_opencv_threads():
         pytest.fail("the loader's workers hung")
     assert process.returncode == 0, err
     assert out.strip() == "done"
+
+
+def test_auto_split_with_four_fractions_sets_a_calib_split_aside():
+    df = patients_table()
+    out = auto_split(df, (0.6, 0.1, 0.1, 0.2), seed=0)
+    share = out["split"].value_counts(normalize=True)
+    for name, fraction in (("train", 0.6), ("val", 0.1), ("calib", 0.1), ("test", 0.2)):
+        assert share[name] == pytest.approx(fraction, abs=0.02)
+    assert out.groupby("patient_id")["split"].nunique().max() == 1

@@ -17,7 +17,7 @@ LAYERS = [
     ["tools.model", "tools.model_files"],                                                    # DenseNet-121, checkpoints
     ["tools.inference", "tools.training"],                              # model passes
     ["tools.predictions", "tools.audit"],                                              # the predictions CSV
-    ["tools.metrics", "tools.slicing", "tools.compare", "tools.calibration", "tools.selective",
+    ["tools.stats", "tools.findings", "tools.metrics", "tools.slicing", "tools.compare", "tools.calibration", "tools.selective",
      "tools.uncertainty", "tools.gradcam", "tools.image_stats"],        # analyses: no figures, no files
     ["tools.figures"],                                                  # every figure
     ["tools.stages", "tools.stages.train", "tools.stages.evaluate", "tools.stages.stress",

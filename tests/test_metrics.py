@@ -200,8 +200,9 @@ def test_group_gap_point_value_is_group_minus_rest(tied_data):
     assert lo <= with_ci["macro"]["auroc"] <= hi
 
 
-def test_significant_failures_skip_groups_where_a_label_has_one_class():
-    from tools.slicing import group_metrics, significant_failures
+def test_gaps_where_a_label_has_one_class_are_marked_and_never_tested():
+    from tools.findings import slice_tests
+    from tools.slicing import group_metrics
 
     rng = np.random.default_rng(0)
     n = 400
@@ -209,9 +210,12 @@ def test_significant_failures_skip_groups_where_a_label_has_one_class():
     group = np.where(rng.random(n) < 0.3, "none", "some")
     y[group == "none"] = 0  # the group is defined by having no positives
     p = np.clip(y * 0.5 + rng.random((n, 2)) * 0.7, 0, 1)
-    p[(group == "some") & (y[:, 1] == 1), 1] -= 0.4  # label b: weak in "some", so "some" truly fails there
     df = pd.DataFrame({"g": group})
     result = group_metrics(df, y, p, ["a", "b"], "g", np.arange(n), n_boot=300, seed=1)
-    found = significant_failures(result, ["a", "b"])
-    assert all(f["group"] != "none" for f in found)  # F1 = 0 with no positives is not a failure
+    assert result["derived_from_labels"] is False  # "some" holds all-negative rows too
+    for value in ("none", "some"):
+        gap = result["groups"][value]["gap_to_rest"]
+        for block in (gap["macro"], gap["per_class"]["a"], gap["per_class"]["b"]):
+            assert block["derived_from_labels"] is True and block["flaggable"] is False
+    assert slice_tests(result, ["a", "b"]) == []  # F1 = 0 with no positives is not a failure
     assert result["groups"]["none"]["per_class"]["a"]["f1@0.5"] == 0.0

@@ -43,7 +43,11 @@ def labelled_summary():
             },
         },
         "worst_slices": [{"group_col": "view", "group": "<b>AP</b>", "label": "Effusion", "metric": "f1@0.5",
-                          "gap": -0.53636, "ci95": [-0.94133, -0.19081], "n": 11, "small": True}],
+                          "gap": -0.53636, "ci95": [-0.94133, -0.19081], "n": 11, "small": True,
+                          "p_value": 0.0004, "q_value": 0.0123, "finding": True}],
+        "label_defined_columns": ["num_findings_bin"],
+        "failure_family": {"tests": 31, "by_kind": {"calibration": 1, "corruption": 12, "slice": 18},
+                           "method": "Benjamini-Hochberg", "alpha": 0.05, "findings": 2, "candidates": 1},
         "most_harmful_corruption": {"corruption": "jpeg", "severity": 2, "label": "Edema", "delta_auroc": -0.25},
         "calibration": {"temperature": 1.5, "fitted_on": "val", "ece_before": 0.1891, "ece_after": 0.0426,
                         "nll_before": 0.64, "nll_after": 0.59, "ece_toplabel_before": 0.18,
@@ -58,10 +62,11 @@ def labelled_summary():
         "model_passes_over_split": 16,
         "flagged_problems": [
             {"kind": "corruption", "message": "jpeg severity 2 (50.0): Edema AUROC -0.100", "size": -0.1,
-             "ci95": None},
-            {"kind": "slice", "message": f"view=AP: {XSS}", "size": -0.53636, "ci95": [-0.94133, -0.19081]},
+             "ci95": None, "p_value": 0.004, "q_value": 0.062, "finding": False},
+            {"kind": "slice", "message": f"view=AP: {XSS}", "size": -0.53636, "ci95": [-0.94133, -0.19081],
+             "p_value": 0.0004, "q_value": 0.0123, "finding": True},
             {"kind": "calibration", "message": "ECE 0.189 before temperature scaling", "size": 0.1891,
-             "ci95": None},
+             "ci95": [0.15, 0.23], "p_value": 0.001, "q_value": 0.0123, "finding": True},
         ],
         "note": NOTICE,
     }
@@ -108,7 +113,10 @@ def labelled_dir(tmp_path):
         write_png(out / rel, seed=i)
     stress_summary_frame().to_csv(out / "stress" / "stress_summary.csv", index=False)
     write_json(out / "calibrate" / "calibration_summary.json",
-               {"temperature": 1.5, "fitted_on": "val", "ece_before": 0.1891, "ece_after": 0.0426,
+               {"temperature": 1.5, "fitted_on": "val", "fit_split": "val", "ece_before": 0.1891, "ece_after": 0.0426,
+                "ece_before_ci95": [0.15, 0.23], "ece_after_ci95": [0.031, 0.061], "temperature_ci95": [1.3, 1.8],
+                "ece_change": -0.1465, "ece_change_ci95": [-0.19, -0.11],
+                "ece_change_verdict": "ECE 0.1891 -> 0.0426: temperature scaling lowered the ECE",
                 "brier_before": 0.2236, "brier_after": 0.2071,
                 "per_class": {"Edema": {"ece_before": 0.429, "ece_after": 0.3462}}})
     return out
@@ -216,13 +224,18 @@ def test_text_from_files_is_escaped(labelled_dir):
     assert "&lt;b&gt;AP&lt;/b&gt;" in text and "<b>AP</b>" not in text
 
 
-def test_failures_ranked_by_size_with_badges_and_worst_slices(labelled_dir):
+def test_findings_then_candidates_with_p_and_q_and_worst_slices(labelled_dir):
     text = read_report(labelled_dir)
-    order = [text.index(m) for m in ("view=AP: &lt;script", "ECE 0.189 before", "jpeg severity 2 (50.0)")]
-    assert order == sorted(order)  # |size| 0.536 > 0.189 > 0.100
+    order = [text.index(m) for m in ("<h3>Findings</h3>", "view=AP: &lt;script", "ECE 0.189 before",
+                                     "<h3>Candidates</h3>", "jpeg severity 2 (50.0)")]
+    assert order == sorted(order)  # findings (same q: larger |size| first), then the candidate
     assert 'class="badge badge-slice"' in text and 'class="badge badge-calibration"' in text
+    assert "31 tests (1 calibration, 12 corruption, 18 slice)" in text and "Benjamini-Hochberg" in text
+    assert "Not tested: num_findings_bin, a function of the labels" in text
+    jpeg_row = re.search(r"<tr>(?:(?!</tr>).)*jpeg severity 2(?:(?!</tr>).)*</tr>", text).group(0)
+    assert "<td>0.004</td>" in jpeg_row and "<td>0.062</td>" in jpeg_row
     slice_row = row_with(text, "view")
-    for cell in ("Effusion", "f1@0.5", "-0.536", "[-0.941, -0.191]", "11", "small group"):
+    for cell in ("Effusion", "f1@0.5", "-0.536", "[-0.941, -0.191]", "&lt;0.001", "0.012", "11", "small group"):
         assert cell in slice_row
 
 
@@ -239,13 +252,16 @@ def test_stress_table_has_three_decimals(labelled_dir):
 
 def test_calibration_and_selective_tables(labelled_dir):
     text = read_report(labelled_dir)
-    assert re.search(r"ECE \(pairs pooled\)</td><td[^>]*>0.189</td><td[^>]*>0.043</td>", text)
-    assert re.search(r"Brier</td><td[^>]*>0.224</td><td[^>]*>0.207</td>", text)
-    assert re.search(r"ECE Edema</td><td[^>]*>0.429</td><td[^>]*>0.346</td>", text)
-    assert "1.500" in text  # temperature
+    assert re.search(r"ECE \(pairs pooled\)</td><td[^>]*>0.189</td><td[^>]*>\[0.150, 0.230\]</td>"
+                     r"<td[^>]*>0.043</td><td[^>]*>\[0.031, 0.061\]</td>", text)
+    assert re.search(r"Brier</td><td[^>]*>0.224</td><td[^>]*>n/a</td><td[^>]*>0.207</td>", text)
+    assert re.search(r"ECE Edema</td><td[^>]*>0.429</td><td[^>]*></td><td[^>]*>0.346</td>", text)
+    assert "1.500 [1.300, 1.800]" in text  # temperature with its interval
+    assert "temperature scaling lowered the ECE" in text
+    assert "the split train chose the checkpoint on" in text  # fitted on val: warned
     assert re.search(r"<td>mc_dropout</td><td[^>]*>10</td><td[^>]*>0.020</td>", text)
-    assert re.search(r"<td>mc_std</td><td[^>]*>0.485</td><td[^>]*>0.372</td>", text)
-    assert re.search(r"<td>0.05</td><td[^>]*>0.319</td><td[^>]*>0.547</td><td[^>]*>0.000</td>", text)
+    assert re.search(r"<td>mc_std</td><td[^>]*>0.485</td><td[^>]*>n/a</td><td[^>]*>0.372</td>", text)
+    assert re.search(r"<td>0.05</td><td[^>]*>0.319</td><td[^>]*>n/a</td><td[^>]*>0.547</td><td[^>]*>0.000</td>", text)
 
 
 def test_config_is_in_a_details_block(labelled_dir):

@@ -79,13 +79,13 @@ def probabilities(fixture):
 def test_prevalence_matches_pandas_counts(fixture):
     table, prevalence = fixture["table"], pd.read_csv(fixture["out"] / "prevalence.csv")
     assert list(prevalence.columns) == ["split", "label", "n", "n_pos", "prevalence"]
-    assert set(prevalence["split"]) == {"train", "val", "test", "all"}
+    assert set(prevalence["split"]) == {"train", "val", "calib", "test", "all"}
     for _, row in prevalence.iterrows():
         part = table if row["split"] == "all" else table[table["split"] == row["split"]]
         n, n_pos = int(part[row["label"]].notna().sum()), int((part[row["label"]] == 1).sum())
         assert (row["n"], row["n_pos"]) == (n, n_pos)
         assert row["prevalence"] == pytest.approx(n_pos / n)
-    assert len(prevalence) == 4 * len(LABELS)
+    assert len(prevalence) == 5 * len(LABELS)
 
 
 def test_brightness_stats_match_the_films(fixture):

@@ -269,3 +269,76 @@ def error_detection_auroc(spread, probs, y):
     p, t = _as_pairs(probs, y)
     wrong = 1.0 - decision_correct(p, t)
     return none_if_nan(_auroc(s, wrong))
+
+
+# ====== intervals ======
+
+def calibration_resamples(probs, y, weights, n_bins=N_BINS) -> dict:
+    """ECE, NLL and Brier score of ``probs`` on each bootstrap resample: ``weights`` (B, N) are row
+    multiplicities (a row's known pairs come along). Returns {"ece", "nll", "brier"}: arrays (B,).
+
+    The reliability bins of a pair do not depend on the resample, so each resample's bin sums are
+    one matrix product: ``|sum of p - sum of y|`` per bin, summed over bins and divided by the
+    resample's number of pairs, is the ECE of :func:`ece` on that resample."""
+    probs, y = _columns(probs), _columns(y)
+    w = np.asarray(weights, dtype=float)
+    known = ~np.isnan(y)
+    p = np.where(known, probs, 0.0)
+    t = np.where(known, y, 0.0)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    sum_p = np.zeros((len(w), n_bins))
+    sum_y = np.zeros((len(w), n_bins))
+    for j in range(p.shape[1]):
+        onehot = np.zeros((len(p), n_bins))
+        onehot[np.flatnonzero(known[:, j]), idx[known[:, j], j]] = 1.0
+        sum_p += w @ (onehot * p[:, j:j + 1])
+        sum_y += w @ (onehot * t[:, j:j + 1])
+    pc = np.clip(p, PROB_CLIP, 1.0 - PROB_CLIP)
+    row_nll = np.where(known, -(t * np.log(pc) + (1.0 - t) * np.log1p(-pc)), 0.0).sum(1)
+    row_brier = np.where(known, (p - t) ** 2, 0.0).sum(1)
+    total = w @ known.sum(1).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"ece": np.abs(sum_p - sum_y).sum(1) / total, "nll": (w @ row_nll) / total,
+                "brier": (w @ row_brier) / total}
+
+
+def temperature_resamples(logits, y, weights, temperature, per_label=False, n_grid=97) -> np.ndarray:
+    """The temperature refitted on each bootstrap resample (``weights`` (B, N)): shape (B,), or
+    (B, L) with ``per_label``.
+
+    The resample's NLL is linear in its weights, so on a grid of log T around the fitted value it
+    is one matrix product for all resamples; each minimum is refined by a parabola through the
+    best grid point and its neighbours (the NLL is convex in 1/T). A grid that a minimum touches
+    at its end is widened, within [T_MIN, T_MAX]."""
+    logits, y = _columns(logits), _columns(y)
+    w = np.asarray(weights, dtype=float)
+    groups = [[j] for j in range(logits.shape[1])] if per_label else [list(range(logits.shape[1]))]
+    fitted = np.atleast_1d(np.asarray(temperature, dtype=float))
+    out = np.empty((len(w), len(groups)))
+    for g, cols in enumerate(groups):
+        centre, span = np.log(fitted[g if per_label else 0]), 0.5
+        while True:
+            grid = np.clip(centre + np.linspace(-span, span, n_grid), np.log(T_MIN), np.log(T_MAX))
+            loss = np.zeros((len(logits), n_grid))
+            for j in cols:
+                known = ~np.isnan(y[:, j])
+                z = np.where(known, logits[:, j], 0.0)[:, None] * np.exp(-grid)[None, :]
+                t = np.where(known, y[:, j], 0.0)[:, None]
+                loss += np.where(known[:, None], np.logaddexp(0.0, z) - t * z, 0.0)
+            total = w @ loss
+            best = np.argmin(total, axis=1)
+            at_edge = ((best == 0) & (grid[0] > np.log(T_MIN))) | ((best == n_grid - 1) & (grid[-1] < np.log(T_MAX)))
+            if not at_edge.any() or span >= 8:
+                break
+            span *= 2
+        i = np.clip(best, 1, n_grid - 2)
+        rows = np.arange(len(w))
+        f0, f1, f2 = total[rows, i - 1], total[rows, i], total[rows, i + 1]
+        curve = f0 - 2 * f1 + f2
+        with np.errstate(invalid="ignore", divide="ignore"):
+            shift = np.where(curve > 0, 0.5 * (f0 - f2) / curve, 0.0)
+        step = grid[1] - grid[0]
+        u = np.where((best == i), grid[i] + np.clip(shift, -1, 1) * step, grid[best])
+        out[:, g] = np.exp(u)
+    return out if per_label else out[:, 0]

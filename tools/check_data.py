@@ -87,7 +87,7 @@ def label_warnings(records: list[dict], has_split: bool) -> list[str]:
 
 
 def split_warnings(split: pd.Series | None) -> list[str]:
-    """Rows without a split and split names the suite does not use (train/val/test)."""
+    """Rows without a split and split names the suite does not use (train/val/calib/test)."""
     if split is None:
         return []
     warnings = []
@@ -96,7 +96,7 @@ def split_warnings(split: pd.Series | None) -> list[str]:
         warnings.append(f"{n_none} row(s) have no split; no command will use them")
     unknown = [s for s in split_order(split) if s not in KNOWN_SPLITS and s != NO_SPLIT]
     if unknown:
-        warnings.append(f"split name(s) {', '.join(map(repr, unknown))} are not train/val/test; "
+        warnings.append(f"split name(s) {', '.join(map(repr, unknown))} are not train/val/calib/test; "
                         "--split must name them explicitly")
     return warnings
 

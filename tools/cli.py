@@ -85,9 +85,15 @@ def slicing_flags(parser) -> None:
 def uncertainty_flags(parser, reuse: bool) -> None:
     """``reuse``: also --test-split (calibrate and selective; valtool reports --split)."""
     group = parser.add_argument_group("calibration and uncertainty")
-    group.add_argument("--val-split", default="val", help="split the temperature is fitted on")
+    group.add_argument("--val-split", default="val",
+                       help="the split that chose the checkpoint; the temperature is fitted on it only when there "
+                            "is no --calib-split and no 'calib' split")
+    group.add_argument("--calib-split", default=None,
+                       help="split the temperature is fitted on (default: 'calib' when the CSV has it, else --val-split)")
     if reuse:
         group.add_argument("--test-split", default=None, help="split that is reported (default: --split)")
+        group.add_argument("--bootstrap", type=int, default=1000,
+                           help="patient bootstrap resamples for the intervals (95%%); 0 = off")
     group.add_argument("--mc-samples", type=int, default=20, help="MC-Dropout samples of the head (0 = off)")
     group.add_argument("--tta-samples", type=int, default=8, help="test-time augmentation draws (0 = off)")
 

@@ -15,13 +15,12 @@ the family-wise error.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
 from tools.metrics import METRICS, bootstrap_weights, percentile_ci, scores
 from tools.slicing import group_values
+from tools.stats import bootstrap_p
 
 COLUMNS = ["scope", "group_col", "group", "label", "metric", "a", "b", "diff",
            "ci_low", "ci_high", "p_value", "p_holm"]
@@ -56,17 +55,7 @@ def _paired_test(diff: float, diff_boot: np.ndarray | None) -> dict:
         return {"ci_low": low, "ci_high": high, "p_value": 1.0}
     if ci is None:
         return {"ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan}
-    return {"ci_low": low, "ci_high": high, "p_value": wald_p(diff, diff_boot)}
-
-
-def wald_p(diff: float, diff_boot: np.ndarray) -> float:
-    """Two-sided p of ``diff`` against 0 with the standard error of the finite ``diff_boot``
-    (every resample the same non-zero difference: 0)."""
-    finite = diff_boot[np.isfinite(diff_boot)]
-    se = float(np.std(finite, ddof=1))
-    if se == 0:
-        return 1.0 if diff == 0 else 0.0
-    return math.erfc(abs(diff) / se / math.sqrt(2))
+    return {"ci_low": low, "ci_high": high, "p_value": bootstrap_p(diff, diff_boot)}
 
 
 # ====== the comparison table ======

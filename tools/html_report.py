@@ -318,35 +318,67 @@ def badge(kind) -> Html:
 
 
 def rank_problems(problems) -> list[dict]:
-    """Flagged problems, largest ``|size|`` first (sizes are signed gaps, ECE or counts); those
-    without a size last, in their original order."""
+    """Flagged problems: findings first, then candidates; within each, by q-value (entries
+    without one, counts such as data problems, first), then largest ``|size|``."""
     def key(item):
-        size = item[1].get("size")
-        return (0, -abs(float(size)), item[0]) if is_number(size) and math.isfinite(float(size)) else (1, 0.0, item[0])
+        p = item[1]
+        q = p.get("q_value")
+        size = p.get("size")
+        size_key = -abs(float(size)) if is_number(size) and math.isfinite(float(size)) else 0.0
+        return (p.get("finding") is False, float(q) if is_number(q) else -1.0, size_key, item[0])
     return [p for _, p in sorted(enumerate(p for p in problems if isinstance(p, dict)), key=key)]
 
 
+def fmt_p(value) -> str:
+    """A p- or q-value: three decimals, "<0.001" below that, "n/a" when absent."""
+    if not is_number(value):
+        return "n/a"
+    return "<0.001" if float(value) < 0.001 else f"{float(value):.3f}"
+
+
+def family_note(family: dict | None) -> Html:
+    """What the q-values correct for: the number of tests and where they came from."""
+    if not family:
+        return note("Ranked by size. Entries without a p-value are counts (data problems, quality flags).")
+    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in (family.get("by_kind") or {}).items())
+    return note(f"Every comparison the suite made is one family: {family.get('tests')} tests ({kinds}). "
+                f"q = Benjamini-Hochberg q-value over that family; a finding has q < {family.get('alpha')}, a candidate "
+                f"only p < {family.get('alpha')} (seen in this data, not established after {family.get('tests')} "
+                "comparisons). Size is the change in the metric (slices, corruptions; negative = worse), the ECE "
+                "(calibration), the mean probability shift (corruptions without labels) or a count (data, quality).")
+
+
 def failures_section(summary: dict) -> Html:
-    """Flagged problems ranked by size, then the worst slices."""
-    parts = []
+    """Findings, then candidates, with p- and q-values; then the worst slices."""
+    parts = [family_note(summary.get("failure_family"))]
     problems = rank_problems(summary.get("flagged_problems") or [])
-    if problems:
-        rows = [[i, badge(p.get("kind", "?")), p.get("message", ""), fmt(p.get("size")),
-                 fmt_interval(p.get("ci95"), signed=True)] for i, p in enumerate(problems, 1)]
-        parts += [note("Ranked by size, largest first. Size is the change in the metric (slices, corruptions) or "
-                       "in the probability (corruptions without labels), negative = worse; the ECE for "
-                       "calibration; the number of images for quality flags."),
-                  table(["#", "kind", "problem", "size", "95% CI"], rows)]
-    else:
+    if not problems:
         parts.append(note("No problem passed the flagging thresholds."))
+    for title, chosen in (("Findings", [p for p in problems if p.get("finding") is not False]),
+                          ("Candidates", [p for p in problems if p.get("finding") is False])):
+        if not chosen:
+            parts.append(note(f"{title}: none.") if problems else Html(""))
+            continue
+        rows = [[i, badge(p.get("kind", "?")), p.get("message", ""), fmt(p.get("size")),
+                 fmt_interval(p.get("ci95"), signed=True), fmt_p(p.get("p_value")), fmt_p(p.get("q_value"))]
+                for i, p in enumerate(chosen, 1)]
+        parts += [Html(f"<h3>{title}</h3>"), table(["#", "kind", "problem", "size", "95% CI", "p", "q"], rows)]
+    derived = summary.get("label_defined_columns") or []
+    if derived:
+        parts.append(note(f"Not tested: {', '.join(map(str, derived))}, a function of the labels. Its groups differ "
+                          "by how many findings a film has, so its gaps describe the groups' definition, not a failure "
+                          "of the model (a group without positives has F1 = 0 by construction)."))
     slices = [s for s in summary.get("worst_slices") or [] if isinstance(s, dict)]
     if slices:
         rows = [[s.get("group_col"), s.get("group"), s.get("label"), s.get("metric"), fmt(s.get("gap"), signed=True),
-                 fmt_interval(s.get("ci95"), signed=True), s.get("n"), "small group" if s.get("small") else ""]
+                 fmt_interval(s.get("ci95"), signed=True), fmt_p(s.get("p_value")), fmt_p(s.get("q_value")), s.get("n"),
+                 "small group" if s.get("small") else ""]
                 for s in slices]
         parts += [Html("<h3>Worst slices</h3>"),
-                  note("Gap = metric in the group minus the metric in the rest of the split, with a 95% bootstrap CI."),
-                  table(["group column", "group", "label", "metric", "gap", "95% CI", "n", "flag"], rows)]
+                  note("Gap = metric in the group minus the metric in the rest of the split, with a 95% interval "
+                       "(patient bootstrap; for AUROC and sensitivity widened to the score interval where that is "
+                       "wider)."),
+                  table(["group column", "group", "label", "metric", "gap", "95% CI", "p", "q", "n", "flag"], rows)]
     return section("Failures found", parts, "failures")
 
 
@@ -485,21 +517,32 @@ def calibration_section(outdir: Path, summary: dict) -> Html:
         temperature = ", ".join(fmt(v) for v in temperature)
     else:
         temperature = fmt(temperature)
-    fitted = merged.get("fitted_on")
+    t_ci = merged.get("temperature_ci95")
+    if isinstance(t_ci, list):
+        temperature = f"{temperature} {fmt_interval(t_ci)}"
+    fitted = merged.get("fit_split") or merged.get("fitted_on")
     parts.append(facts([("Temperature", temperature),
                         ("Fitted on", f"{fitted} split" if fitted else "not fitted (no validation split): T = 1")]))
-    rows = [[name, merged.get(f"{key}_before"), merged.get(f"{key}_after")]
+    if fitted == "val":
+        parts.append(note("The temperature was fitted on the split train chose the checkpoint on, so its fit can be "
+                          "optimistic; a split set aside for it (split value calib) is cleaner.", "warn"))
+    if merged.get("ece_change_verdict"):
+        parts.append(note(merged["ece_change_verdict"]))
+    rows = [[name, merged.get(f"{key}_before"), fmt_interval(merged.get(f"{key}_before_ci95")),
+             merged.get(f"{key}_after"), fmt_interval(merged.get(f"{key}_after_ci95"))]
             for name, key in (("ECE (pairs pooled)", "ece"), ("ECE (top label)", "ece_toplabel"), ("NLL", "nll"),
                               ("Brier", "brier"), ("AUROC (pairs pooled)", "auroc"))
             if f"{key}_before" in merged or f"{key}_after" in merged]
     for label, m in (merged.get("per_class") or {}).items():
         if isinstance(m, dict) and ("ece_before" in m or "ece_after" in m):
-            rows.append([f"ECE {label}", m.get("ece_before"), m.get("ece_after")])
+            rows.append([f"ECE {label}", m.get("ece_before"), "", m.get("ece_after"), ""])
     if rows:
         parts += [Html("<h3>Before and after temperature scaling</h3>"),
                   note("ECE: 15 equal-width probability bins, |mean prediction - positive rate| weighted by bin "
-                       "mass; lower is better for ECE, NLL and Brier. Temperature scaling leaves AUROC unchanged."),
-                  table(["measure", "before", "after"], rows)]
+                       "mass; lower is better for ECE, NLL and Brier. Temperature scaling leaves AUROC unchanged. "
+                       "95% CI: patient bootstrap of the reported split, with T held at its fitted value (the "
+                       "temperature's own interval comes from refits on resamples of the fit split)."),
+                  table(["measure", "before", "95% CI", "after", "95% CI"], rows)]
     captions = {
         "reliability_uncal.png": "reliability diagram of the raw model probabilities: observed positive rate "
                                  "per probability bin against the diagonal of perfect calibration, with the "
@@ -541,17 +584,25 @@ def selective_section(outdir: Path, summary: dict) -> Html:
     signals = sel.get("signals") or {}
     if signals:
         parts += [Html("<h3>AURC per confidence signal</h3>"),
-                  note("Area under the risk-coverage curve (lower is better); E-AURC subtracts the oracle's."),
-                  table(["signal", "AURC", "E-AURC"],
-                        [[name, (v or {}).get("aurc"), (v or {}).get("e_aurc")] for name, v in signals.items()])]
+                  note("Area under the risk-coverage curve (lower is better); E-AURC subtracts the oracle's. 95% CI: "
+                       "patient bootstrap."),
+                  table(["signal", "AURC", "95% CI", "E-AURC", "95% CI"],
+                        [[name, (v or {}).get("aurc"), fmt_interval((v or {}).get("aurc_ci95")), (v or {}).get("e_aurc"),
+                          fmt_interval((v or {}).get("e_aurc_ci95"))] for name, v in signals.items()])]
+    comparisons = [c for c in sel.get("comparisons") or [] if isinstance(c, dict)]
+    if comparisons:
+        parts += [note(sel.get("best_signal") or ""),
+                  table(["a", "b", "AURC a - b", "paired 95% CI", "p"],
+                        [[c.get("a"), c.get("b"), fmt(c.get("aurc_diff"), signed=True),
+                          fmt_interval(c.get("ci95"), signed=True), fmt_p(c.get("p_value"))] for c in comparisons])]
     car = sel.get("coverage_at_risk") or {}
     if car:
         parts += [Html("<h3>Coverage at target risk</h3>"),
                   note("Largest coverage whose risk stays at or below the target, and the confidence threshold "
                        "that gives it."),
-                  table(["target risk", "coverage", "threshold", "risk achieved"],
-                        [[k, (v or {}).get("coverage"), (v or {}).get("threshold"), (v or {}).get("risk")]
-                         for k, v in car.items()])]
+                  table(["target risk", "coverage", "95% CI", "threshold", "risk achieved"],
+                        [[k, (v or {}).get("coverage"), fmt_interval((v or {}).get("coverage_ci95")),
+                          (v or {}).get("threshold"), (v or {}).get("risk")] for k, v in car.items()])]
     per_label = sel.get("per_label") or {}
     if per_label:
         parts += [Html("<h3>Per label</h3>"),

@@ -99,7 +99,7 @@ PARAMS = {
     "p_edema": (0.20, 0.45),                # per image: base, + if heart failure
     "p_effusion": (0.09, 0.30, 0.22),       # per image: base, + heart failure, + Edema
     "p_ap": (0.18, 0.25, 0.15, 0.10, 0.12),  # base, + Edema, + Effusion, + age >= 75, + follow-up
-    "split_fractions": (0.7, 0.1, 0.2),
+    "split_fractions": (0.6, 0.1, 0.1, 0.2),  # train, val (chooses the checkpoint), calib (temperature), test
     # ---- heart ----
     "ctr_normal": (0.44, 0.025, 0.38, 0.485),   # mean, sd, clip low, clip high
     "ctr_enlarged": (0.52, 0.05, 0.68),         # low + Exponential(scale), clip high

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tools.stats import MIN_BOOT, SCORE_METRICS, bootstrap_p, hull, score_interval
+
 METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
 # 0.01, 0.02, ..., 0.99: integer / 100 is the correctly rounded double, so 0.5 is exactly 0.5.
 THRESHOLDS = np.arange(1, 100) / 100.0
@@ -178,17 +180,37 @@ def bootstrap_weights(clusters, n_boot: int, seed: int) -> np.ndarray:
 def percentile_ci(values: np.ndarray) -> list | None:
     """95% percentile interval of the finite bootstrap ``values`` (None with fewer than 10)."""
     values = values[~np.isnan(values)]
-    if len(values) < 10:
+    if len(values) < MIN_BOOT:
         return None
     lo, hi = np.percentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]
 
 
+def honest_ci(metric: str, boot, value, n_pos: int, n: int) -> list | None:
+    """The 95% interval the suite reports for one label's metric: the hull of the percentile
+    bootstrap and, for AUROC and sensitivity, the score interval (``tools.stats``), which stays
+    an interval where the bootstrap collapses to a point (an AUROC of 1.0)."""
+    ci = percentile_ci(boot)
+    if metric not in SCORE_METRICS or not np.isfinite(value):
+        return ci
+    lo, hi = score_interval(metric, value, n_pos, n - n_pos)
+    return hull(ci, [float(lo), float(hi)])
+
+
 def _attach_ci(metrics: dict, boot: dict, labels) -> dict:
-    metrics["macro"]["ci95"] = {m: percentile_ci(boot["macro"][m]) for m in METRICS}
     metrics["micro"]["ci95"] = {m: percentile_ci(boot["micro"][m]) for m in METRICS}
     for j, label in enumerate(labels):
-        metrics["per_class"][label]["ci95"] = {m: percentile_ci(boot["per_class"][j][m]) for m in METRICS}
+        block = metrics["per_class"][label]
+        block["ci95"] = {m: honest_ci(m, boot["per_class"][j][m], block[m], block["n_pos"], block["n"])
+                         for m in METRICS}
+    # macro: the hull of its bootstrap interval and the mean of the per-label ends, so a macro
+    # average at a boundary is not a point either
+    metrics["macro"]["ci95"] = {}
+    for m in METRICS:
+        ends = [metrics["per_class"][lbl]["ci95"][m] for lbl in labels]
+        mean_ends = [float(np.mean([e[0] for e in ends])), float(np.mean([e[1] for e in ends]))] \
+            if all(e is not None for e in ends) and m in SCORE_METRICS else None
+        metrics["macro"]["ci95"][m] = hull(percentile_ci(boot["macro"][m]), mean_ends)
     return metrics
 
 
@@ -205,13 +227,16 @@ def difference(a: dict, b: dict, labels) -> dict:
     """Metrics of :func:`scores` ``a`` minus those of ``b``, macro and per class, with 95%
     intervals when both hold resamples drawn together (the same patients on both sides, so the
     interval is for the difference itself: a group against the rest, a corrupted pass against
-    the clean one on the same rows)."""
+    the clean one on the same rows), and then the bootstrap p-value of "no difference"
+    (``p_value``)."""
     boot = a["boot"] is not None and b["boot"] is not None
 
     def block(get):
         out = {m: float(get(a["point"])[m][0] - get(b["point"])[m][0]) for m in METRICS}
         if boot:
-            out["ci95"] = {m: percentile_ci(get(a["boot"])[m] - get(b["boot"])[m]) for m in METRICS}
+            diffs = {m: get(a["boot"])[m] - get(b["boot"])[m] for m in METRICS}
+            out["ci95"] = {m: percentile_ci(diffs[m]) for m in METRICS}
+            out["p_value"] = {m: bootstrap_p(out[m], diffs[m]) for m in METRICS}
         return out
 
     return {"macro": block(lambda r: r["macro"]),

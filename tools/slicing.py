@@ -1,7 +1,11 @@
 """Metrics per subgroup of a metadata column, with bootstrap intervals and the gap to the rest.
 
 A group's gap is (metric in the group) - (metric in all other rows), with a 95% interval from the
-same patient-level resamples; an interval that excludes 0 is a difference the data supports.
+same patient-level resamples and a p-value of "no gap" (for AUROC and sensitivity, widened by the
+score intervals of ``tools.stats`` so a gap at a boundary is not a point). A gap is a candidate
+failure only when it is ``flaggable``: the column is not a function of the labels, the label has
+both classes on both sides, and both sides hold MIN_POSITIVES positives and MIN_NEGATIVES
+negatives. The failure list and its correction for many comparisons are ``tools.findings``'.
 """
 from __future__ import annotations
 
@@ -9,9 +13,15 @@ import numpy as np
 import pandas as pd
 
 from tools.metrics import METRICS, bootstrap_weights, difference, metrics_from_scores, scores
+from tools.stats import SCORE_METRICS, hull, mover, mover_p, score_interval
 
 MAX_CATEGORIES = 12
 NUMERIC_BINS = 4
+# A gap enters the failure list only when both sides hold this many positives and negatives of
+# the label: with fewer than 20 negatives, 95% specificity means no false positive at all, and a
+# handful of films decides the AUROC.
+MIN_POSITIVES, MIN_NEGATIVES = 10, 20
+MIN_REPEATS = 10
 
 
 def group_values(column: pd.Series) -> tuple[np.ndarray, list | None]:
@@ -30,15 +40,36 @@ def group_values(column: pd.Series) -> tuple[np.ndarray, list | None]:
     return values, None
 
 
+def defined_by_labels(values: np.ndarray, y: np.ndarray) -> bool:
+    """True when the group value is a function of the label columns: on the rows whose labels
+    are all known, every combination of labels carries one value, the column takes two values
+    or more, and at least MIN_REPEATS rows repeat a combination (so it is not a coincidence of
+    tiny data). A "number of findings" column is; a site or a view column is not."""
+    known = ~np.isnan(y).any(axis=1)
+    if not known.any() or len(np.unique(values[known])) < 2:
+        return False
+    combos, inverse = np.unique(y[known], axis=0, return_inverse=True)
+    pairs = {(int(c), v) for c, v in zip(inverse.ravel(), values[known])}
+    return len(pairs) == len(combos) and int(known.sum()) - len(combos) >= MIN_REPEATS
+
+
+def _class_counts(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positives, negatives) per label among the known labels of ``y``."""
+    return np.nansum(y == 1, axis=0), np.nansum(y == 0, axis=0)
+
+
 def group_metrics(df: pd.DataFrame, y, p, labels, col: str, clusters, min_group_size=30,
                   n_boot=1000, seed=0) -> dict:
-    """``{"group_col", "bin_edges", "groups": {value: metrics schema + ci95 + small + gap_to_rest}}``."""
+    """``{"group_col", "bin_edges", "derived_from_labels", "groups": {value: metrics schema +
+    ci95 + small + gap_to_rest}}``; each gap block (macro, per label) carries ``p_value``,
+    ``derived_from_labels`` and ``flaggable`` (see :func:`mark_gaps`)."""
     values, edges = group_values(df[col])
     weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
 
     def part(mask):  # the group's or the rest's scores on the same resamples
         return scores(y[mask], p[mask], None if weights is None else weights[:, mask])
 
+    derived = defined_by_labels(values, np.asarray(y, float))
     groups = {}
     for value in sorted(pd.unique(values), key=str):
         mask = values == value
@@ -46,13 +77,67 @@ def group_metrics(df: pd.DataFrame, y, p, labels, col: str, clusters, min_group_
         block = metrics_from_scores(y[mask], group, labels)
         block.pop("split")
         block["small"] = bool(mask.sum() < min_group_size)
-        block["gap_to_rest"] = difference(group, part(~mask), labels) if (~mask).any() else None
+        block["gap_to_rest"] = None
+        if (~mask).any():
+            block["gap_to_rest"] = difference(group, part(~mask), labels)
+            mark_gaps(block, _class_counts(y[mask]), _class_counts(y[~mask]), labels, derived)
         groups[str(value)] = block
-    return {"group_col": col, "bin_edges": edges, "min_group_size": min_group_size, "groups": groups}
+    if weights is not None:
+        _score_gap_intervals(groups, labels)
+    return {"group_col": col, "bin_edges": edges, "min_group_size": min_group_size,
+            "derived_from_labels": derived, "groups": groups}
+
+
+def mark_gaps(block: dict, group_counts, rest_counts, labels, derived: bool) -> None:
+    """Mark each gap block of a group: ``derived_from_labels`` when the column is a function of
+    the labels or the label has one class in the group or in the rest (the gap then measures the
+    definition of the group, not the model); ``flaggable`` when it is not derived and both sides
+    hold at least MIN_POSITIVES positives and MIN_NEGATIVES negatives of the label (macro: every
+    label). Rest counts go along for the score intervals."""
+    gap = block["gap_to_rest"]
+    (pos1, neg1), (pos2, neg2) = group_counts, rest_counts
+    all_flaggable, any_derived = True, derived
+    for j, lbl in enumerate(labels):
+        g = gap["per_class"][lbl]
+        one_class = min(pos1[j], neg1[j], pos2[j], neg2[j]) == 0
+        g["derived_from_labels"] = bool(derived or one_class)
+        g["flaggable"] = bool(not g["derived_from_labels"] and min(pos1[j], pos2[j]) >= MIN_POSITIVES
+                              and min(neg1[j], neg2[j]) >= MIN_NEGATIVES)
+        g["rest_n_pos"], g["rest_n"] = int(pos2[j]), int(pos2[j] + neg2[j])
+        all_flaggable &= g["flaggable"]
+        any_derived |= g["derived_from_labels"]
+    gap["macro"]["derived_from_labels"] = bool(any_derived)
+    gap["macro"]["flaggable"] = bool(all_flaggable and not any_derived)
+
+
+def _score_gap_intervals(groups: dict, labels) -> None:
+    """Per-label AUROC and sensitivity gaps: interval = hull of the paired bootstrap and the MOVER
+    interval of the two sides' score intervals (group and rest are different patients), p-value =
+    the larger of the two tests'. One vectorised call per metric for the whole column."""
+    items = [(block, lbl) for block in groups.values() if block["gap_to_rest"] for lbl in labels]
+    for m in SCORE_METRICS:
+        rows = []
+        for block, lbl in items:
+            g, own = block["gap_to_rest"]["per_class"][lbl], block["per_class"][lbl]
+            if own[m] is not None and np.isfinite(own[m]) and np.isfinite(g[m]):
+                rows.append((g, own[m], own["n_pos"], own["n"] - own["n_pos"], own[m] - g[m], g["rest_n_pos"],
+                             g["rest_n"] - g["rest_n_pos"]))
+        if not rows:
+            continue
+        t1, pos1, neg1, t2, pos2, neg2 = (np.array(c, float) for c in list(zip(*rows))[1:])
+        lo1, hi1 = score_interval(m, t1, pos1, neg1)
+        lo2, hi2 = score_interval(m, t2, pos2, neg2)
+        lower, upper = mover(t1 - t2, lo1, hi1, t1, lo2, hi2, t2)
+        p_score = mover_p(m, t1, pos1, neg1, t2, pos2, neg2)
+        for i, (g, *_) in enumerate(rows):
+            g["ci95"][m] = hull(g["ci95"][m], [lower[i], upper[i]])
+            p_boot = g["p_value"][m]
+            g["p_value"][m] = None if p_boot is None else float(max(p_boot, p_score[i]))
 
 
 def group_table(result: dict, labels) -> pd.DataFrame:
-    """One CSV row per group: n, small flag, macro and per-label metrics with intervals and gaps."""
+    """One CSV row per group: n, small flag, macro and per-label metrics with intervals, gaps, their
+    p-values and whether each gap is derived from the labels or flaggable."""
     rows = []
     for value, block in result["groups"].items():
         row = {"group_col": result["group_col"], "group": value, "n": block["n"], "small": block["small"]}
@@ -65,33 +150,10 @@ def group_table(result: dict, labels) -> pd.DataFrame:
                 gci = (gaps.get("ci95") or {}).get(m) or [None, None]
                 row.update({f"{name}_{m}": vals[m], f"{name}_{m}_lo": ci[0], f"{name}_{m}_hi": ci[1],
                             f"{name}_{m}_gap": gaps.get(m), f"{name}_{m}_gap_lo": gci[0],
-                            f"{name}_{m}_gap_hi": gci[1]})
+                            f"{name}_{m}_gap_hi": gci[1], f"{name}_{m}_gap_p": (gaps.get("p_value") or {}).get(m)})
+            row[f"{name}_derived_from_labels"] = gaps.get("derived_from_labels")
+            row[f"{name}_flaggable"] = gaps.get("flaggable")
             if name != "macro":
                 row[f"{name}_n_pos"] = vals["n_pos"]
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def significant_failures(result: dict, labels, metrics=("auroc", "sens@95spec", "f1@0.5")) -> list[dict]:
-    """Groups doing worse than the rest with a 95% interval of the gap entirely below 0,
-    largest gap first: the slices a failure analysis must report. Labels with one class only in
-    the group (and then the macro average) are not compared."""
-    found = []
-    for value, block in result["groups"].items():
-        gap = block.get("gap_to_rest")
-        if not gap:
-            continue
-        # A group where a label has one class only (e.g. num_findings = 0 has no positives) scores
-        # F1 = 0 by construction: that is the definition of the group, not a failure of the model.
-        one_class = {lbl for lbl in labels
-                     if block["per_class"][lbl]["n_pos"] in (0, block["per_class"][lbl]["n"])}
-        names = [lbl for lbl in labels if lbl not in one_class] + ([] if one_class else ["macro"])
-        for name in names:
-            g = gap["macro"] if name == "macro" else gap["per_class"][name]
-            for m in metrics:
-                ci = (g.get("ci95") or {}).get(m)
-                if g.get(m) is not None and ci is not None and ci[1] < 0:
-                    found.append({"group_col": result["group_col"], "group": value, "label": name,
-                                  "metric": m, "gap": g[m], "ci95": ci, "n": block["n"],
-                                  "small": block["small"]})
-    return sorted(found, key=lambda f: f["gap"])

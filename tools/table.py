@@ -15,7 +15,7 @@ import pandas as pd
 from tools.errors import UserError
 
 DEFAULT_LABELS = ["Cardiomegaly", "Edema", "Effusion"]
-KNOWN_SPLITS = ("train", "val", "test")
+KNOWN_SPLITS = ("train", "val", "calib", "test")
 NO_SPLIT = "(none)"
 
 
@@ -180,14 +180,16 @@ def check_images_exist(paths, csv, img_root) -> None:
 
 
 def auto_split(df: pd.DataFrame, fractions, seed: int) -> pd.DataFrame:
-    """Assign ``split`` = train/val/test with the given fractions, grouped by ``patient_id`` when
-    present (a patient never straddles splits), seeded. Returns a copy."""
+    """Assign ``split`` = train/val/test with three fractions, or train/val/calib/test with four
+    (``calib``: set aside for the temperature, never used to choose the checkpoint), grouped by
+    ``patient_id`` when present (a patient never straddles splits), seeded. Returns a copy."""
     fractions = [float(f) for f in fractions]
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+    if len(fractions) not in (3, 4) or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise UserError(
             f"--auto-split {' '.join(map(str, fractions))}: need three non-negative fractions "
-            "TRAIN VAL TEST that sum to 1 (e.g. 0.7 0.1 0.2)"
+            "TRAIN VAL TEST (or four: TRAIN VAL CALIB TEST) that sum to 1 (e.g. 0.7 0.1 0.2)"
         )
+    names = ("train", "val", "test") if len(fractions) == 3 else ("train", "val", "calib", "test")
     groups = df["patient_id"].astype(str).to_numpy() if "patient_id" in df.columns else np.arange(len(df)).astype(str)
     unique = np.unique(groups)
     rng = np.random.default_rng(seed)
@@ -198,7 +200,7 @@ def auto_split(df: pd.DataFrame, fractions, seed: int) -> pd.DataFrame:
     assignment, running = {}, 0
     for patient in order:
         split_idx = int(np.searchsorted(targets, running, side="right"))
-        assignment[patient] = ("train", "val", "test")[min(split_idx, 2)]
+        assignment[patient] = names[min(split_idx, len(names) - 1)]
         running += counts[patient]
     out = df.copy()
     out["split"] = [assignment[g] for g in groups]

@@ -19,6 +19,9 @@ from tools.audit import Subject, open_subject
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_json
+from tools.findings import SHIFT_TOLERANCE, corruption_tests, describe, failure_list
+from tools.metrics import bootstrap_weights, percentile_ci
+from tools.stats import exceed_p
 from tools.html_report import write_report
 from tools.image_stats import image_quality
 from tools.inference import clean_pass, corrupted_logits
@@ -29,7 +32,7 @@ from tools.runtime import Run
 from tools.splits import load_folder
 from tools.stages import case_studies as cases
 from tools.stages import stress
-from tools.stages.calibrate import fitted_temperature, samplers, spread, write_calibration
+from tools.stages.calibrate import calibration_split, samplers, spread, temperature_fit, write_calibration
 from tools.stages.evaluate import write_evaluation
 from tools.stages.selective import confidence_signals, write_selective
 from tools.uncertainty import public
@@ -48,6 +51,7 @@ class ValtoolOptions:
     image_size: int | None = None
     split: str = "test"
     val_split: str = "val"
+    calib_split: str | None = None  # default: 'calib' when the CSV has it, else val_split
     group_cols: list = field(default_factory=list)
     min_group_size: int = 30
     bootstrap: int = 1000
@@ -60,8 +64,17 @@ class ValtoolOptions:
     compare_with: str | None = None  # a reference model (A) the audited one (B) is compared with
 
 
-def _flag(kind, message, size=None, ci95=None) -> dict:
-    return {"kind": kind, "message": message, "size": size, "ci95": ci95}
+def _flag(test: dict) -> dict:
+    """A tested entry of ``flagged_problems``: the test's fields, a message and a size."""
+    size = test["gap"] if "gap" in test else test["value"]
+    return {**test, "message": describe(test), "size": size}
+
+
+def _fact(kind, message, size=None) -> dict:
+    """An entry of ``flagged_problems`` that is a count, not an estimate (a data problem, images
+    failing a quality check): nothing to test, so no p-value; it is listed as a finding."""
+    return {"kind": kind, "message": message, "size": size, "ci95": None, "p_value": None, "q_value": None,
+            "finding": True}
 
 
 def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
@@ -84,22 +97,24 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
         summary_table = stress.write_stress(run.stage("stress"), data, logits, results, labels, opts.group_cols,
                                             opts.bootstrap)
     # ====== calibration and spread ======
-    temperature = None
-    if _can_fit(subject, table, opts.val_split):
-        temperature = fitted_temperature(run, subject, opts.val_split)
+    fit_split = calibration_split(table, opts.calib_split, opts.val_split)
+    fit = temperature_fit(run, subject, fit_split) if _can_fit(subject, table, fit_split) else None
+    temperature = None if fit is None else fit.temperature
     mc, tta = spread(run, model, data, clean.get("features"), labels, mc_samples, tta_samples)
     cal = write_calibration(run.stage("calibrate"), data, logits, labels, 1.0 if temperature is None else temperature,
-                            mc, tta, fitted_on=opts.val_split if temperature is not None else None, not_run=not_run)
+                            mc, tta, fitted_on=None if fit is None else fit_split, not_run=not_run, fit=fit,
+                            bootstrap=opts.bootstrap)
     # ====== selective ======
     signals = confidence_signals(logits, temperature, mc, tta)
-    sel = write_selective(run.stage("selective"), data, probs, labels, signals, primary="maxprob")
+    sel = write_selective(run.stage("selective"), data, probs, labels, signals, primary="maxprob",
+                          bootstrap=opts.bootstrap)
     passes = model_passes(results, tta, tta_samples) if model is not None else 0
     compared = _compare(run, opts, subject, data, logits) if opts.compare_with else None
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
     summary = _labelled_summary(opts, labels, data, ev, summary_table, cal, sel, passes)
     summary["data_checks"] = _data_checks(run, opts, labels, files=model is not None)
-    summary["flagged_problems"] += [_flag("data", p) for p in summary["data_checks"]["problems"]]
+    summary["flagged_problems"] += [_fact("data", p) for p in summary["data_checks"]["problems"]]
     if subject.missing("features"):
         not_run["case_studies"] = subject.missing("features")
         summary["case_studies"] = None
@@ -164,38 +179,36 @@ def _case_studies(run: Run, opts: ValtoolOptions, model, labels, image_size: int
 
 
 def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal, sel, passes) -> dict:
+    tests = [dict(t) for t in ev["tests"]] + corruption_tests(stress_table, labels)
+    if cal.get("ece_above_tolerance_p") is not None and cal["ece_before"] is not None:
+        tests.append({"kind": "calibration", "metric": "ece", "value": cal["ece_before"],
+                      "ci95": cal.get("ece_before_ci95"), "p_value": cal["ece_above_tolerance_p"]})
+    listed = failure_list(tests)
     worst = stress.worst_corruption(stress_table, labels) if len(stress_table) else None
-    flagged = []
-    for f in ev["failures"]:
-        flagged.append(_flag("slice", f"{f['group_col']}={f['group']}: {f['label']} {f['metric']} "
-                             f"{f['gap']:+.3f} vs the rest" + (" (small group)" if f["small"] else ""),
-                             f["gap"], f["ci95"]))
-    corrupted = stress_table[stress_table["corruption"] != "clean"] if len(stress_table) else stress_table
-    for _, r in corrupted.iterrows():
-        for lbl in labels:
-            d, hi = r[f"delta_auroc_{lbl}"], r[f"delta_auroc_{lbl}_hi"]
-            # a drop of at least 0.02 whose paired interval lies below 0 (or, without intervals, 0.05)
-            real = (pd.notna(hi) and hi < 0) if opts.bootstrap > 0 else True
-            if pd.notna(d) and d <= (-0.02 if opts.bootstrap > 0 else -0.05) and real:
-                ci = [r[f"delta_auroc_{lbl}_lo"], hi] if opts.bootstrap > 0 else None
-                flagged.append(_flag("corruption", f"{r['corruption']} severity {int(r['severity'])} "
-                                     f"({r['param']}): {lbl} AUROC {d:+.3f}", float(d), ci))
-    if cal["ece_before"] is not None and cal["ece_before"] > 0.05:
-        flagged.append(_flag("calibration", f"ECE {cal['ece_before']:.3f} before temperature scaling"
-                             + (f", {cal['ece_after']:.3f} after" if cal["fitted_on"] else " (not fitted: no val split)"),
-                             cal["ece_before"]))
-    flagged.sort(key=lambda f: f["size"] if f["kind"] != "calibration" else -f["size"])
+    if worst is not None:  # picked after looking: it carries its own test's p and q
+        match = [t for t in tests if t["kind"] == "corruption" and (t["corruption"], t["severity"], t["label"])
+                 == (worst["corruption"], worst["severity"], worst["label"])]
+        worst.update({k: match[0][k] for k in ("ci95", "p_value", "q_value", "finding")} if match else {})
+    flagged = [_flag(t) for t in listed["entries"]]
+    slices = [t for t in listed["entries"] if t["kind"] == "slice"]
+    calibration = {k: cal.get(k) for k in ("temperature", "temperature_ci95", "fitted_on", "fit_split", "ece_before",
+                                           "ece_before_ci95", "ece_after", "ece_after_ci95", "ece_change",
+                                           "ece_change_ci95", "ece_change_verdict", "nll_before", "nll_before_ci95",
+                                           "nll_after", "nll_after_ci95", "ece_toplabel_before",
+                                           "ece_toplabel_after")}
+    signals = {k: {m: v.get(m) for m in ("aurc", "aurc_ci95", "e_aurc", "e_aurc_ci95")} for k, v in sel["signals"].items()}
     return {
         "mode": "labelled", "csv": str(opts.csv), "split": data.name, "n": int(len(data.df)), "labels": labels,
         "headline": {k: ev["metrics"][k] for k in ("macro", "micro", "per_class")} if ev["metrics"] else None,
-        "worst_slices": ev["failures"][:10],
+        "worst_slices": slices[:10],
+        "label_defined_columns": [c for c, r in ev["groups"].items() if r["derived_from_labels"]],
         "most_harmful_corruption": worst,
-        "calibration": {k: cal[k] for k in ("temperature", "fitted_on", "ece_before", "ece_after", "nll_before",
-                                            "nll_after", "ece_toplabel_before", "ece_toplabel_after")},
+        "calibration": calibration,
         "uncertainty": {"mc_dropout": cal["mc_dropout"], "tta": cal["tta"]},
-        "selective": {k: sel[k] for k in ("aurc", "e_aurc", "risk_at_full_coverage", "coverage_at_risk")}
-        | {"signals": {k: {"aurc": v["aurc"], "e_aurc": v["e_aurc"]} for k, v in sel["signals"].items()}},
+        "selective": {k: sel.get(k) for k in ("aurc", "aurc_ci95", "e_aurc", "e_aurc_ci95", "risk_at_full_coverage",
+                                              "coverage_at_risk", "comparisons", "best_signal")} | {"signals": signals},
         "model_passes_over_split": passes,
+        "failure_family": listed["family"],
         "flagged_problems": flagged,
         "note": NOTICE,
     }
@@ -217,15 +230,23 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     results = corrupted_logits(run, model, data, opts.corruptions)
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
-    shifts = []
+    shifts, tests = [], []
+    # images resampled for the interval and test of each mean shift (a folder has no patients)
+    weights = bootstrap_weights(np.arange(len(paths)), opts.bootstrap, run.seed) if opts.bootstrap > 0 else None
     for (name, severity), logits in results.items():
         corrupted = sigmoid(logits)
         delta = corrupted - probs
         row = {"corruption": name, "severity": severity}
         for j, lbl in enumerate(labels):
-            row[f"mean_abs_shift_{lbl}"] = float(np.abs(delta[:, j]).mean())
-            row[f"max_abs_shift_{lbl}"] = float(np.abs(delta[:, j]).max())
+            moved = np.abs(delta[:, j])
+            row[f"mean_abs_shift_{lbl}"] = float(moved.mean())
+            row[f"max_abs_shift_{lbl}"] = float(moved.max())
             row[f"flips_{lbl}"] = int(((corrupted[:, j] >= 0.5) != (probs[:, j] >= 0.5)).sum())
+            if weights is not None:
+                boot = (weights @ moved) / len(moved)
+                tests.append({"kind": "prediction_shift", "corruption": name, "severity": int(severity), "label": lbl,
+                              "value": float(moved.mean()), "ci95": percentile_ci(boot),
+                              "p_value": exceed_p(boot, SHIFT_TOLERANCE)})
         shifts.append(row)
     shifts = pd.DataFrame(shifts)
     quality = image_quality(paths, data.store, image_size)
@@ -239,18 +260,15 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     for col in [c for c in quality.columns if c.startswith("flag_")]:
         count = int(quality[col].sum())
         if count:
-            flagged.append(_flag("quality", f"{count} image(s) {col.removeprefix('flag_').replace('_', ' ')}", count))
-    for _, r in shifts.iterrows():
-        for lbl in labels:
-            if r[f"mean_abs_shift_{lbl}"] >= 0.05:
-                flagged.append(_flag("corruption", f"{r['corruption']} severity {r['severity']}: {lbl} probability "
-                                     f"moves {r[f'mean_abs_shift_{lbl}']:.3f} on average", -r[f"mean_abs_shift_{lbl}"]))
+            flagged.append(_fact("quality", f"{count} image(s) {col.removeprefix('flag_').replace('_', ' ')}", count))
+    listed = failure_list(tests)
+    flagged += [_flag(t) for t in listed["entries"]]
     return {"mode": "unlabelled", "image_dir": str(opts.image_dir), "n": len(paths), "labels": labels,
             "mean_probability": {lbl: float(probs[:, j].mean()) for j, lbl in enumerate(labels)},
             "uncertainty": {"mc_dropout": public(mc), "tta": public(tta)},
             "largest_prediction_shift": _largest_shift(shifts, labels),
             "model_passes_over_split": model_passes(results, tta, tta_samples),
-            "flagged_problems": flagged, "not_run": not_run, "note": NOTICE}
+            "failure_family": listed["family"], "flagged_problems": flagged, "not_run": not_run, "note": NOTICE}
 
 
 def _folder_subject(run: Run, opts: ValtoolOptions, compile: bool) -> Subject:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 from tabulate import tabulate
 
 from tools import distributed, figures
@@ -13,7 +14,8 @@ from tools.files import write_csv, write_json
 from tools.metrics import METRICS, metrics_with_ci, sigmoid
 from tools.predictions import predictions_frame
 from tools.runtime import Run
-from tools.slicing import group_metrics, group_table, significant_failures
+from tools.findings import describe, failure_list, slice_tests
+from tools.slicing import group_metrics, group_table
 from tools.splits import SplitData
 
 log = logging.getLogger("cxr")
@@ -28,9 +30,11 @@ def metrics_table(metrics: dict) -> str:
 def write_evaluation(run: Run, data: SplitData, logits, labels, group_cols=(), min_group_size: int = 30,
                      bootstrap: int = 1000) -> dict:
     """metrics_<split>.json, predictions_<split>.csv, roc/pr plots, group_metrics_<C>.* per group
-    column, intervals from ``bootstrap`` patient resamples. Returns {"metrics", "groups": {col:
-    result}, "failures": [...]}."""
-    out = {"metrics": None, "groups": {}, "failures": []}
+    column, intervals from ``bootstrap`` patient resamples, and ``slice_tests.csv``: every
+    comparison of a group with the rest that can enter the failure list, with p and q-values
+    (Benjamini-Hochberg over this file's rows). Returns {"metrics", "groups": {col: result},
+    "tests": [...]} (the tests without q-values: valtool corrects them within its whole list)."""
+    out = {"metrics": None, "groups": {}, "tests": []}
     if not distributed.is_main():
         return out
     split = data.name or "all"
@@ -50,11 +54,27 @@ def write_evaluation(run: Run, data: SplitData, logits, labels, group_cols=(), m
         write_csv(run.outdir / f"group_metrics_{col}.csv", group_table(result, labels))
         figures.group_bars(result, labels, run.outdir / f"group_metrics_{col}.png")
         out["groups"][col] = result
-        out["failures"] += significant_failures(result, labels)
-    for f in sorted(out["failures"], key=lambda f: f["gap"])[:10]:
-        log.info("failure: %s=%s %s %s gap %.3f [%.3f, %.3f] (n=%d)", f["group_col"], f["group"], f["label"],
-                 f["metric"], f["gap"], f["ci95"][0], f["ci95"][1], f["n"])
+        out["tests"] += slice_tests(result, labels)
+        if result["derived_from_labels"]:
+            log.info("%s is a function of the labels: its gaps describe how its groups are defined, not the model, "
+                     "and are not tested", col)
+    if group_cols:
+        write_slice_tests(run, [dict(t) for t in out["tests"]])
     return out
+
+
+def write_slice_tests(run: Run, tests: list[dict]) -> None:
+    """slice_tests.csv, and the findings and candidates among them on the console."""
+    listed = failure_list(tests)
+    columns = ["group_col", "group", "label", "metric", "gap", "ci_low", "ci_high", "p_value", "q_value", "finding",
+               "n", "small"]
+    rows = [{**t, "ci_low": (t["ci95"] or [None, None])[0], "ci_high": (t["ci95"] or [None, None])[1]} for t in tests]
+    write_csv(run.outdir / "slice_tests.csv", pd.DataFrame(rows, columns=columns))
+    family = listed["family"]
+    log.info("slices: %d comparisons tested, %d finding(s) (q < %.2f, Benjamini-Hochberg), %d candidate(s) (p < %.2f only)",
+             family["tests"], family["findings"], family["alpha"], family["candidates"], family["alpha"])
+    for t in listed["entries"][:10]:
+        log.info("%s: %s", "finding" if t["finding"] else "candidate", describe(t))
 
 
 def _warn_single_class(metrics: dict) -> None:

@@ -2,9 +2,11 @@
 confidence signal, all ranking the same decisions (the clean probability at 0.5)."""
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
@@ -14,11 +16,12 @@ from tools.calibration import apply_temperature
 from tools.errors import UserError
 from tools.files import write_csv, write_json
 from tools.inference import mc_dropout_logits, tta_logits
-from tools.metrics import sigmoid
+from tools.metrics import bootstrap_weights, percentile_ci, sigmoid
 from tools.predictions import signal_columns
 from tools.runtime import Run
 from tools.selective import (confidence_from_probs, confidence_from_spread, known_decisions, oracle_curve,
-                             risk_coverage, summary_of_curve)
+                             risk_coverage, selective_resamples, summary_of_curve)
+from tools.stats import bootstrap_p
 from tools.splits import SplitData
 from tools.stages.calibrate import fitted_temperature
 from tools.table import label_matrix, read_table
@@ -69,7 +72,7 @@ def available_signals(subject: Subject, wanted) -> list:
     return out
 
 
-def signals_from_model(run: Run, subject: Subject, data: SplitData, wanted, val_split: str = "val",
+def signals_from_model(run: Run, subject: Subject, data: SplitData, wanted, fit_split: str | None = "val",
                        per_label: bool = False, mc_samples: int = 20, tta_samples: int = 8) -> tuple[object, dict]:
     """(clean probabilities, {signal: confidence}) of ``data``, running only the passes the
     ``wanted`` signals need (the clean logits may come from the subject's predictions)."""
@@ -80,7 +83,7 @@ def signals_from_model(run: Run, subject: Subject, data: SplitData, wanted, val_
     temperature = mc = tta = None
     model = subject.model
     if "calibrated" in wanted:
-        temperature = fitted_temperature(run, subject, val_split, per_label)
+        temperature = fitted_temperature(run, subject, fit_split, per_label)
     if "mc_std" in wanted:
         mc = {"std": sigmoid(mc_dropout_logits(model, out["features"], mc_samples, run.seed, run.device)).std(0)}
     if "tta_std" in wanted:
@@ -89,9 +92,45 @@ def signals_from_model(run: Run, subject: Subject, data: SplitData, wanted, val_
     return sigmoid(out["logits"]), {name: signals[name] for name in wanted}
 
 
-def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, primary: str) -> dict:
+def selective_intervals(summaries: dict, resamples: dict) -> list[dict]:
+    """Attach ``aurc_ci95``, ``e_aurc_ci95`` and each coverage's ``coverage_ci95`` to every
+    signal's summary; return the paired comparisons of every two signals (``aurc_diff`` = AURC of
+    a minus b on the same resamples, its ``ci95`` and ``p_value``)."""
+    for name, boot in resamples.items():
+        summaries[name]["aurc_ci95"] = percentile_ci(boot["aurc"])
+        summaries[name]["e_aurc_ci95"] = percentile_ci(boot["e_aurc"])
+        for key, values in boot["coverage_at_risk"].items():
+            summaries[name]["coverage_at_risk"][key]["coverage_ci95"] = percentile_ci(values)
+    comparisons = []
+    for a, b in itertools.combinations(list(resamples), 2):
+        diff = resamples[a]["aurc"] - resamples[b]["aurc"]
+        point = summaries[a]["aurc"] - summaries[b]["aurc"]
+        comparisons.append({"a": a, "b": b, "aurc_diff": point, "ci95": percentile_ci(diff),
+                            "p_value": bootstrap_p(point, diff)})
+    return comparisons
+
+
+def best_signal_sentence(summaries: dict, comparisons: list[dict]) -> str:
+    """Which signal abstains best, claimed only when its paired AURC interval against every
+    other signal lies below 0."""
+    if len(summaries) < 2:
+        return ""
+    best = min(summaries, key=lambda k: summaries[k]["aurc"])
+    beats = []
+    for c in comparisons:
+        if best in (c["a"], c["b"]) and c["ci95"] is not None:
+            lo, hi = c["ci95"] if c["a"] == best else (-c["ci95"][1], -c["ci95"][0])
+            beats.append(hi < 0)
+    if beats and all(beats) and len(beats) == len(summaries) - 1:
+        return f"{best} ranks the decisions best: its AURC is lower than every other signal's (paired 95% intervals exclude 0)"
+    return (f"lowest AURC: {best}, but not lower than every other signal beyond noise (a paired 95% interval holds 0): "
+            "no signal is shown to abstain best")
+
+
+def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, primary: str, bootstrap: int = 1000) -> dict:
     """risk_coverage_<split>.csv (the primary signal), one CSV per further signal, per-label
-    curves, risk_coverage_<split>.png and selective_summary.json.
+    curves, risk_coverage_<split>.png and selective_summary.json, with patient-bootstrap
+    intervals (``bootstrap`` resamples; 0: none) and paired comparisons of the signals.
 
     Every signal ranks the same decisions (clean probability at 0.5), so curves compare rankings.
     ``signals`` maps a name to a confidence array (N, L): higher = more confident."""
@@ -99,11 +138,15 @@ def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, pri
         return {}
     y = data.y
     split = data.name or "all"
-    curves, summaries, per_label = {}, {}, []
+    weights = bootstrap_weights(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
+    decision_rows = np.nonzero(~np.isnan(y))[0]  # the row of each known decision, in known_decisions' order
+    curves, summaries, per_label, resamples = {}, {}, [], {}
     for name, confidence in signals.items():
         conf, correct = known_decisions(confidence, probs, y)  # the same decisions for every signal
         curves[name] = risk_coverage(conf, correct)
         summaries[name] = summary_of_curve(curves[name], correct)
+        if weights is not None:
+            resamples[name] = selective_resamples(conf, correct, decision_rows, weights)
         summaries[name]["per_label"] = {}
         for j, lbl in enumerate(labels):
             c_j, ok_j = known_decisions(confidence[:, j], probs[:, j], y[:, j])
@@ -111,8 +154,10 @@ def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, pri
             summaries[name]["per_label"][lbl] = summary_of_curve(curve_j, ok_j)
             if name == primary:
                 per_label.append(curve_j.assign(label=lbl))
+    comparisons = selective_intervals(summaries, resamples)
+    verdict = best_signal_sentence(summaries, comparisons)
     summary = {"split": split, "confidence": primary, **summaries[primary],
-               "signals": {k: v for k, v in summaries.items()},
+               "signals": {k: v for k, v in summaries.items()}, "comparisons": comparisons, "best_signal": verdict,
                "decisions": "known (image, label) pairs at threshold 0.5; risk = error rate of kept pairs"}
     write_csv(run.outdir / f"risk_coverage_{split}.csv", curves[primary])
     for name, curve in curves.items():
@@ -126,5 +171,7 @@ def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, pri
             for name, s in summaries.items()]
     print(tabulate(rows, headers=["confidence", "AURC", "E-AURC", "coverage @5% risk"], floatfmt=".4f",
                    missingval="n/a"))
+    if verdict:
+        print(verdict)
     write_json(run.outdir / "selective_summary.json", summary)
     return summary

@@ -33,9 +33,10 @@ def _row(name, severity, param, metrics, delta, labels) -> dict:
         block = delta["per_class"][lbl] if delta else {"auroc": 0.0}
         ci = (block.get("ci95") or {}).get("auroc") or [None, None]
         row.update({f"delta_auroc_{lbl}": block["auroc"], f"delta_auroc_{lbl}_lo": ci[0],
-                    f"delta_auroc_{lbl}_hi": ci[1]})
-    ci = ((delta or {}).get("macro", {}).get("ci95") or {}).get("auroc") or [None, None]
-    row.update({"delta_auroc_lo": ci[0], "delta_auroc_hi": ci[1]})
+                    f"delta_auroc_{lbl}_hi": ci[1], f"delta_auroc_{lbl}_p": (block.get("p_value") or {}).get("auroc")})
+    macro = (delta or {}).get("macro", {})
+    ci = (macro.get("ci95") or {}).get("auroc") or [None, None]
+    row.update({"delta_auroc_lo": ci[0], "delta_auroc_hi": ci[1], "delta_auroc_p": (macro.get("p_value") or {}).get("auroc")})
     return row
 
 
