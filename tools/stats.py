@@ -41,7 +41,7 @@ from scipy.stats import norm
 Z95 = float(norm.ppf(0.975))
 MIN_BOOT = 10  # fewer finite resamples than this give no interval and no p-value
 SCORE_METRICS = ("auroc", "sens@95spec")  # the metrics with a score interval
-_BISECT = 60
+_BISECT = 42  # halvings of a bracket of width <= 1: below 1e-12
 
 
 def bootstrap_p(point: float, boot) -> float | None:
@@ -146,22 +146,26 @@ def mover(d, lo1, hi1, t1, lo2, hi2, t2) -> tuple[np.ndarray, np.ndarray]:
 
 def mover_p(metric: str, t1, pos1, neg1, t2, pos2, neg2) -> np.ndarray:
     """Two-sided p-value of ``t1 - t2 = 0`` by inverting the MOVER interval of two score
-    intervals: the level at which the end nearer 0 reaches it (arrays; NaN where undefined)."""
+    intervals: the level at which the end nearer 0 reaches it (arrays; NaN where undefined).
+
+    The interval's end is evaluated on a grid of z (with z = 1.96 on it, so p < 0.05 exactly when
+    the 95% interval excludes 0) and the crossing is interpolated linearly between grid points."""
     t1, t2 = np.asarray(t1, float), np.asarray(t2, float)
     d = t1 - t2
-
-    def gap_to_zero(z):  # distance from 0 of the interval end nearer to it (> 0: excludes 0)
-        lo1, hi1 = score_interval(metric, t1, pos1, neg1, z)
-        lo2, hi2 = score_interval(metric, t2, pos2, neg2, z)
-        lower, upper = mover(d, lo1, hi1, t1, lo2, hi2, t2)
-        return np.where(d < 0, -upper, lower)
-
-    a, b = np.zeros_like(d), np.full_like(d, 12.0)
-    for _ in range(_BISECT):
-        mid = (a + b) / 2
-        excludes = gap_to_zero(mid) > 0
-        a, b = np.where(excludes, mid, a), np.where(excludes, b, mid)
-    p = 2 * norm.sf((a + b) / 2)
+    z = np.unique(np.r_[np.linspace(0.0, 8.0, 161), Z95])
+    zz = np.broadcast_to(z, d.shape + z.shape)
+    col = lambda a: np.asarray(a, float)[..., None]  # noqa: E731
+    lo1, hi1 = score_interval(metric, col(t1), col(pos1), col(neg1), zz)
+    lo2, hi2 = score_interval(metric, col(t2), col(pos2), col(neg2), zz)
+    lower, upper = mover(col(d), lo1, hi1, col(t1), lo2, hi2, col(t2))
+    gap = np.where(col(d) < 0, -upper, lower)  # > 0 while the interval excludes 0; falls with z
+    excluded = np.sum(gap > 0, axis=-1)  # grid points before the crossing
+    i = np.clip(excluded - 1, 0, len(z) - 2)
+    g0, g1 = np.take_along_axis(gap, i[..., None], -1)[..., 0], np.take_along_axis(gap, i[..., None] + 1, -1)[..., 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z_cross = z[i] + (z[i + 1] - z[i]) * np.clip(g0 / (g0 - g1), 0.0, 1.0)
+    z_cross = np.where(excluded == 0, 0.0, np.where(excluded == len(z), z[-1], z_cross))
+    p = 2 * norm.sf(z_cross)
     return np.where(~np.isfinite(d), np.nan, np.where(d == 0, 1.0, p))
 
 
