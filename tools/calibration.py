@@ -148,6 +148,13 @@ def apply_temperature(logits, T):
 
 # ====== calibration metrics ======
 
+def bin_index(p, n_bins=N_BINS):
+    """Reliability bin of each probability: bin i holds ``edges[i] <= p < edges[i + 1]`` with
+    ``edges = linspace(0, 1, n_bins + 1)``; p = 1.0 goes in the last bin."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return edges, np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+
+
 def reliability_bins(probs, y, n_bins=N_BINS):
     """Equal-width reliability bins of the positive-class probability over the known pairs.
 
@@ -159,8 +166,7 @@ def reliability_bins(probs, y, n_bins=N_BINS):
     p, t = _as_pairs(probs, y)
     if np.any((p < 0) | (p > 1)):
         raise ValueError("probabilities must lie in [0, 1]")
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    edges, idx = bin_index(p, n_bins)
     count = np.bincount(idx, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_pred = np.bincount(idx, weights=p, minlength=n_bins) / count
@@ -285,8 +291,7 @@ def calibration_resamples(probs, y, weights, n_bins=N_BINS) -> dict:
     known = ~np.isnan(y)
     p = np.where(known, probs, 0.0)
     t = np.where(known, y, 0.0)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)
+    _, idx = bin_index(p, n_bins)
     sum_p = np.zeros((len(w), n_bins))
     sum_y = np.zeros((len(w), n_bins))
     for j in range(p.shape[1]):

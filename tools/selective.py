@@ -97,6 +97,11 @@ def _check(confidence, correct):
 
 # ====== curves and areas ======
 
+def tie_ends(sorted_confidence):
+    """The last index of each run of equal values in a sorted confidence array (a tie group)."""
+    return np.flatnonzero(np.append(sorted_confidence[1:] != sorted_confidence[:-1], True))
+
+
 def risk_coverage(confidence, correct):
     """Full risk-coverage curve, one row per distinct confidence value, high to low.
 
@@ -113,8 +118,7 @@ def risk_coverage(confidence, correct):
     order = np.argsort(-confidence, kind="stable")
     conf_sorted = confidence[order]
     cum_errors = np.cumsum(~correct[order])
-    # The last index of each run of equal confidence closes a tie group.
-    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    ends = tie_ends(conf_sorted)
     n_kept = ends + 1
     return pd.DataFrame({
         "coverage": n_kept / n,
@@ -246,7 +250,7 @@ def selective_resamples(confidence, correct, rows, weights, targets=RISK_TARGETS
     confidence, correct = _check(confidence, correct)
     order = np.argsort(-confidence, kind="stable")
     conf_sorted, err_sorted = confidence[order], (~correct[order]).astype(float)
-    ends = np.flatnonzero(np.append(conf_sorted[1:] != conf_sorted[:-1], True))
+    ends = tie_ends(conf_sorted)
     rows_sorted = np.asarray(rows)[order]
     w_all = np.asarray(weights, dtype=float)
     out = {"aurc": [], "e_aurc": [], "coverage_at_risk": {_target_key(t): [] for t in targets}}
