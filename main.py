@@ -168,8 +168,8 @@ def cmd_calibrate(args) -> None:
     test_out = subject.logits(run, test, features=mc_samples > 0, desc="test")
     fit = temperature_fit(run, subject, fit_split, args.per_label)
     mc, tta = spread(run, subject.model, test, test_out.get("features"), subject.labels, mc_samples, tta_samples)
-    write_calibration(run, test, test_out["logits"], subject.labels, fit.temperature, mc, tta, fitted_on=fit_split,
-                      not_run=not_run, fit=fit, bootstrap=args.bootstrap)
+    write_calibration(run, test, test_out["logits"], subject.labels, fit, mc, tta, not_run=not_run,
+                      bootstrap=args.bootstrap)
 
 
 # ====== selective ======

@@ -104,7 +104,8 @@ def family(df, y, p, clusters, cols, n_boot=200, seed=0):
     for col in cols:
         results[col] = group_metrics(df, y, p, LABELS, col, clusters, n_boot=n_boot, seed=seed)
         tests += slice_tests(results[col], LABELS)
-    return failure_list(tests), tests, results
+    listed = failure_list(tests)
+    return listed, listed["tests"], results
 
 
 @pytest.mark.slow

@@ -85,21 +85,19 @@ def is_failure(test: dict) -> bool:
 
 
 def failure_list(tests: list[dict], alpha: float = ALPHA) -> dict:
-    """``{"family": {...}, "entries": [...]}``: q-values over every test, then the tests that
-    point to a failure with p < alpha, findings (q < alpha) first, each by q then by size."""
+    """``{"family": {...}, "tests": [...], "entries": [...]}``: every test with its q-value and
+    ``finding`` (copies; ``tests`` is left as given), then the tests that point to a failure with
+    p < alpha, findings (q < alpha) first, each by q then by size."""
     q = bh_qvalues([np.nan if t["p_value"] is None else t["p_value"] for t in tests])
-    entries = []
-    for t, qv in zip(tests, q):
-        t["q_value"] = None if np.isnan(qv) else float(qv)
-        t["finding"] = bool(t["q_value"] is not None and t["q_value"] < alpha)
-        if t["p_value"] is not None and t["p_value"] < alpha and is_failure(t):
-            entries.append(t)
+    tests = [{**t, "q_value": None if np.isnan(qv) else float(qv), "finding": bool(qv < alpha)}
+             for t, qv in zip(tests, q)]
+    entries = [t for t in tests if t["p_value"] is not None and t["p_value"] < alpha and is_failure(t)]
     entries.sort(key=lambda t: (not t["finding"], t["q_value"], t["gap"] if "gap" in t else -t["value"]))
     kinds = sorted({t["kind"] for t in tests})
     family = {"tests": len(tests), "by_kind": {k: sum(t["kind"] == k for t in tests) for k in kinds},
               "method": "Benjamini-Hochberg", "alpha": alpha,
               "findings": sum(t["finding"] for t in entries), "candidates": sum(not t["finding"] for t in entries)}
-    return {"family": family, "entries": entries}
+    return {"family": family, "tests": tests, "entries": entries}
 
 
 def describe(test: dict) -> str:

@@ -101,8 +101,7 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     fit = temperature_fit(run, subject, fit_split) if _can_fit(subject, table, fit_split) else None
     temperature = None if fit is None else fit.temperature
     mc, tta = spread(run, model, data, clean.get("features"), labels, mc_samples, tta_samples)
-    cal = write_calibration(run.stage("calibrate"), data, logits, labels, 1.0 if temperature is None else temperature,
-                            mc, tta, fitted_on=None if fit is None else fit_split, not_run=not_run, fit=fit,
+    cal = write_calibration(run.stage("calibrate"), data, logits, labels, fit, mc, tta, not_run=not_run,
                             bootstrap=opts.bootstrap)
     # ====== selective ======
     signals = confidence_signals(logits, temperature, mc, tta)
@@ -179,14 +178,14 @@ def _case_studies(run: Run, opts: ValtoolOptions, model, labels, image_size: int
 
 
 def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal, sel, passes) -> dict:
-    tests = [dict(t) for t in ev["tests"]] + corruption_tests(stress_table, labels)
+    tests = ev["tests"] + corruption_tests(stress_table, labels)
     if cal.get("ece_above_tolerance_p") is not None and cal["ece_before"] is not None:
         tests.append({"kind": "calibration", "metric": "ece", "value": cal["ece_before"],
                       "ci95": cal.get("ece_before_ci95"), "p_value": cal["ece_above_tolerance_p"]})
     listed = failure_list(tests)
     worst = stress.worst_corruption(stress_table, labels) if len(stress_table) else None
     if worst is not None:  # picked after looking: it carries its own test's p and q
-        match = [t for t in tests if t["kind"] == "corruption" and (t["corruption"], t["severity"], t["label"])
+        match = [t for t in listed["tests"] if t["kind"] == "corruption" and (t["corruption"], t["severity"], t["label"])
                  == (worst["corruption"], worst["severity"], worst["label"])]
         worst.update({k: match[0][k] for k in ("ci95", "p_value", "q_value", "finding")} if match else {})
     flagged = [_flag(t) for t in listed["entries"]]

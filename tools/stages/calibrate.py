@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from tools import distributed, figures
 from tools.audit import Subject
-from tools.calibration import (apply_temperature, calibration_report, calibration_resamples, ece, fit_temperature,
+from tools.calibration import (apply_temperature, calibration_report, calibration_resamples, fit_temperature,
                                temperature_resamples)
 from tools.findings import ECE_TOLERANCE
 from tools.metrics import bootstrap_weights, percentile_ci
@@ -96,12 +96,13 @@ def spread(run: Run, model, data: SplitData, features, labels, mc_samples: int, 
     return mc, tta
 
 
-def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureFit | None, bootstrap: int,
-                          seed: int) -> dict:
+def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureFit | None, ece_change,
+                          bootstrap: int, seed: int) -> dict:
     """95% patient-bootstrap intervals: ``<m>_before_ci95`` / ``<m>_after_ci95`` for ECE, NLL and
-    Brier on the reported split (T held at its fitted value), ``ece_change_ci95`` for after
-    minus before on the same resamples, ``temperature_ci95`` from refits on resamples of the fit
-    split, and ``ece_above_tolerance_p``: the one-sided p-value of "ECE before <= 0.05"."""
+    Brier on the reported split (T held at its fitted value), ``ece_change_ci95`` and
+    ``ece_change_p`` for after minus before (``ece_change``) on the same resamples,
+    ``temperature_ci95`` from refits on resamples of the fit split, and
+    ``ece_above_tolerance_p``: the one-sided p-value of "ECE before <= 0.05"."""
     if bootstrap <= 0:
         return {}
     weights = bootstrap_weights(data.clusters, bootstrap, seed)
@@ -111,7 +112,7 @@ def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureF
         out[f"{key}_before_ci95"], out[f"{key}_after_ci95"] = percentile_ci(before[key]), percentile_ci(after[key])
     change = after["ece"] - before["ece"]
     out["ece_change_ci95"] = percentile_ci(change)
-    out["ece_change_p"] = bootstrap_p(ece(cal, data.y) - ece(uncal, data.y), change)
+    out["ece_change_p"] = None if ece_change is None else bootstrap_p(ece_change, change)
     out["ece_above_tolerance_p"] = exceed_p(before["ece"], ECE_TOLERANCE)
     out["temperature_ci95"] = None
     if fit is not None:
@@ -122,18 +123,17 @@ def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureF
     return out
 
 
-def write_calibration(run: Run, data: SplitData, logits, labels, temperature, mc: dict | None,
-                      tta: dict | None, fitted_on: str | None, not_run: dict | None = None,
-                      fit: TemperatureFit | None = None, bootstrap: int = 1000) -> dict:
+def write_calibration(run: Run, data: SplitData, logits, labels, fit: TemperatureFit | None, mc: dict | None,
+                      tta: dict | None, not_run: dict | None = None, bootstrap: int = 1000) -> dict:
     """calibration_summary.json, reliability_*.png, predictions_calibrated_<split>.csv.
 
-    ``temperature`` is a number or one per label; ``fitted_on`` names the split it was fitted on
-    (None: not fitted, reported at T = 1); ``not_run``: {sampler: why} for samplers that could
-    not run; ``fit``: the fit's data, for the temperature's interval; ``bootstrap``: patient
-    resamples for the intervals (0: none)."""
+    ``fit``: the temperature (a number or one per label) and the split it was fitted on (None:
+    not fitted, reported at T = 1); ``not_run``: {sampler: why} for samplers that could not
+    run; ``bootstrap``: patient resamples for the intervals (0: none)."""
     if not distributed.is_main():
         return {}
 
+    temperature, fitted_on = (1.0, None) if fit is None else (fit.temperature, fit.split)
     y = data.y
     split = data.name or "all"
     uncal, cal = sigmoid(logits), sigmoid(apply_temperature(logits, temperature))
@@ -145,7 +145,7 @@ def write_calibration(run: Run, data: SplitData, logits, labels, temperature, mc
         summary[f"{key}_before"], summary[f"{key}_after"] = before[key], after[key]
     summary["ece_change"] = (None if before["ece"] is None or after["ece"] is None
                              else after["ece"] - before["ece"])
-    summary |= calibration_intervals(data, uncal, cal, labels, fit, bootstrap, run.seed)
+    summary |= calibration_intervals(data, uncal, cal, labels, fit, summary["ece_change"], bootstrap, run.seed)
     summary["ece_change_verdict"] = ece_change_sentence(summary)
     summary["per_class"] = {
         lbl: {f"{k}_{when}": rep["per_class"][lbl][k] for k in ("ece", "nll", "brier", "auroc")

@@ -59,7 +59,7 @@ def write_evaluation(run: Run, data: SplitData, logits, labels, group_cols=(), m
             log.info("%s is a function of the labels: its gaps describe how its groups are defined, not the model, "
                      "and are not tested", col)
     if group_cols:
-        write_slice_tests(run, [dict(t) for t in out["tests"]])
+        write_slice_tests(run, out["tests"])
     return out
 
 
@@ -68,7 +68,8 @@ def write_slice_tests(run: Run, tests: list[dict]) -> None:
     listed = failure_list(tests)
     columns = ["group_col", "group", "label", "metric", "gap", "ci_low", "ci_high", "p_value", "q_value", "finding",
                "n", "small"]
-    rows = [{**t, "ci_low": (t["ci95"] or [None, None])[0], "ci_high": (t["ci95"] or [None, None])[1]} for t in tests]
+    rows = [{**t, "ci_low": (t["ci95"] or [None, None])[0], "ci_high": (t["ci95"] or [None, None])[1]}
+            for t in listed["tests"]]
     write_csv(run.outdir / "slice_tests.csv", pd.DataFrame(rows, columns=columns))
     family = listed["family"]
     log.info("slices: %d comparisons tested, %d finding(s) (q < %.2f, Benjamini-Hochberg), %d candidate(s) (p < %.2f only)",
