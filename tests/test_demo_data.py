@@ -12,13 +12,18 @@ from tools.make_demo_data import (
     CSV_COLUMNS,
     LABELS,
     PARAMS,
+    TRUTH_COLUMNS,
+    TRUTH_FILE,
+    film_size,
     image_generators,
+    label_flip_count,
     main,
     make_demo_dataset,
     render_phantom,
     sample_cases,
     sample_phantom,
     to_uint8,
+    truth_table,
 )
 
 N, SIZE, SEED = 60, 128, 0
@@ -30,6 +35,15 @@ def demo_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     csv = make_demo_dataset(out, n=N, seed=SEED, size=SIZE)
     return out, pd.read_csv(csv, dtype={"num_findings_bin": str})
+
+
+@pytest.fixture(scope="module")
+def demo_truth(demo_set):
+    """The demo set's CSV joined with its ground-truth file (modes 4-6), row for row."""
+    out, df = demo_set
+    truth = pd.read_csv(out / TRUTH_FILE)
+    assert truth["image_path"].tolist() == df["image_path"].tolist()
+    return df.merge(truth, on="image_path", validate="one_to_one")
 
 
 def folder_bytes(folder: Path) -> dict:
@@ -85,22 +99,24 @@ def test_csv_schema_and_value_domains(demo_set):
     assert df["image_path"].tolist() == expected_path
 
 
-def test_images_are_8bit_grayscale_of_the_requested_size(demo_set):
+def test_images_are_8bit_grayscale_of_the_requested_size(demo_set, demo_truth):
+    """The requested size, except the hidden device's films (failure mode 4): 7/8 of it."""
     out, df = demo_set
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(Path(p).name for p in df["image_path"])
-    for path in df["image_path"]:
+    small = round(SIZE * 7 / 8)
+    for path, device in zip(demo_truth["image_path"], demo_truth["hidden_device"]):
         image = read_gray(out / path)
-        assert image.dtype == np.uint8 and image.shape == (SIZE, SIZE)
+        assert image.dtype == np.uint8 and image.shape == ((small, small) if device else (SIZE, SIZE))
         assert image.std() > 20          # a film, not a blank
 
 
-def test_follow_ups_are_numbered_per_patient(demo_set):
-    _, df = demo_set
-    for _, group in df.groupby("patient_id"):
+def test_follow_ups_are_numbered_per_patient(demo_truth):
+    for _, group in demo_truth.groupby("patient_id"):
         assert group["follow_up"].tolist() == list(range(len(group)))
         assert len(group) <= 4
-        # patient-level attributes never change between follow-ups
-        assert group[["sex", "age", "site", "Cardiomegaly", "split"]].nunique().max() == 1
+        # patient-level attributes never change between follow-ups (the true Cardiomegaly label:
+        # the CSV's may be flipped on one test film, failure mode 6)
+        assert group[["sex", "age", "site", "true_Cardiomegaly", "split"]].nunique().max() == 1
 
 
 def test_splits_are_grouped_by_patient_and_near_60_10_10_20():
@@ -125,11 +141,11 @@ def test_labels_and_views_co_occur_like_a_sick_population():
     assert ap[edema].mean() > ap[~edema].mean() + 0.15
     for label in LABELS:
         assert 0.10 <= df[label].mean() <= 0.35
-    # the label is the true anatomical CTR, whatever the view
-    assert ((df["true_ctr"] > 0.5) == (df["Cardiomegaly"] == 1)).all()
-    normal = df.loc[df["Cardiomegaly"] == 0, "true_ctr"]
+    # the (true) label is the true anatomical CTR, whatever the view; the CSV's may be flipped (mode 6)
+    assert ((df["true_ctr"] > 0.5) == (df["true_Cardiomegaly"] == 1)).all()
+    normal = df.loc[df["true_Cardiomegaly"] == 0, "true_ctr"]
     assert normal.between(0.38, 0.49).all() and normal.mean() == pytest.approx(0.44, abs=0.01)
-    assert (df.loc[df["Cardiomegaly"] == 1, "true_ctr"] >= 0.52).all()
+    assert (df.loc[df["true_Cardiomegaly"] == 1, "true_ctr"] >= 0.52).all()
 
 
 def test_bad_arguments_raise_user_errors(tmp_path):
@@ -148,7 +164,9 @@ def test_bad_arguments_raise_user_errors(tmp_path):
 def test_cli_writes_the_data_set(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "d"), "--n", "3", "--seed", "5", "--size", "64"]) == 0
     df = pd.read_csv(tmp_path / "d" / "demo.csv")
-    assert len(df) == 3 and read_gray(tmp_path / "d" / df["image_path"][0]).shape == (64, 64)
+    truth = pd.read_csv(tmp_path / "d" / TRUTH_FILE)
+    expected = 56 if truth["hidden_device"][0] else 64
+    assert len(df) == 3 and read_gray(tmp_path / "d" / df["image_path"][0]).shape == (expected, expected)
     assert "wrote 3 images" in capsys.readouterr().out
     assert main(["--out", str(tmp_path / "e"), "--n", "0"]) == 2
 
@@ -181,13 +199,14 @@ def test_each_image_depends_only_on_seed_and_row(demo_set):
 def test_ap_films_magnify_the_heart_for_the_same_true_ctr(demo_set):
     """Failure mode 1. The heart silhouette (columns that change when the heart is removed from
     the same phantom) of label-negative AP films is ~15-20 % wider than on PA films relative to
-    the true CTR, so AP normals look enlarged (apparent CTR > 0.5) while PA normals do not."""
+    the true CTR, so AP normals look enlarged (apparent CTR > 0.5) while PA normals do not.
+    (True labels; the hidden device's smaller, collimated films are left to mode 4's tests.)"""
     out, _ = demo_set
     cases = sample_cases(N, SEED).to_dict("records")
     generators = image_generators(N, SEED)
     stats = {"AP": [], "PA": []}
     for i, case in enumerate(cases):
-        if case["Cardiomegaly"]:
+        if case["true_Cardiomegaly"] or case["hidden_device"]:
             continue
         phantom = sample_phantom(case, generators[i])
         film = read_gray(out / case["image_path"])
@@ -210,7 +229,9 @@ def edema_cases():
     cases = sample_cases(300, seed=4)
     generators = image_generators(len(cases), 4)
     rows = cases.to_dict("records")
-    return [(row, sample_phantom(row, generators[i])) for i, row in enumerate(rows) if row["Edema"]]
+    # true labels (mode 6 flips some), and not the hidden device's collimated films (mode 4)
+    return [(row, sample_phantom(row, generators[i])) for i, row in enumerate(rows)
+            if row["true_Edema"] and not row["hidden_device"]]
 
 
 def test_site_c_films_of_edema_have_less_fine_detail_in_the_lungs(edema_cases):
@@ -259,7 +280,7 @@ def test_effusion_opacifies_the_base_on_its_side():
     generators = image_generators(len(cases), 6)
     checked = 0
     for i, row in enumerate(cases.to_dict("records")):
-        if not row["Effusion"] or row["site"] == "C":
+        if not row["true_Effusion"] or row["site"] == "C" or row["hidden_device"]:
             continue
         phantom = sample_phantom(row, generators[i])
         if len(phantom["effusions"]) != 1:
@@ -271,3 +292,198 @@ def test_effusion_opacifies_the_base_on_its_side():
         assert own[int(0.55 * SIZE):].sum() > 0.9 * own.sum()
         checked += 1
     assert checked >= 5
+
+
+# ====== failure modes 4-6: the ground-truth file, the table, and pixels ======
+
+@pytest.fixture(scope="module")
+def tiny_films(tmp_path_factory):
+    """A few hundred 32 px films: enough rows for shares, cheap to write."""
+    out = tmp_path_factory.mktemp("tiny")
+    csv = make_demo_dataset(out, n=300, seed=3, size=32)
+    return out, pd.read_csv(csv).merge(pd.read_csv(out / TRUTH_FILE), on="image_path", validate="one_to_one")
+
+
+def test_truth_file_holds_what_the_csv_hides(demo_set, demo_truth):
+    """The ground truth of modes 4-6 lives in its own file; the CSV keeps its columns, and its
+    labels are the true ones except where flipped."""
+    out, df = demo_set
+    truth = pd.read_csv(out / TRUTH_FILE)
+    assert list(truth.columns) == TRUTH_COLUMNS == [
+        "image_path", "hidden_device", "true_Cardiomegaly", "flipped_Cardiomegaly", "true_Edema",
+        "flipped_Edema", "true_Effusion", "flipped_Effusion"]
+    assert list(df.columns) == CSV_COLUMNS
+    for column in TRUTH_COLUMNS[1:]:
+        assert set(truth[column]) <= {0, 1}
+    pd.testing.assert_frame_equal(truth, truth_table(sample_cases(N, SEED)).reset_index(drop=True),
+                                  check_dtype=False)
+    for label in LABELS:
+        assert (demo_truth[label] == demo_truth[f"true_{label}"] ^ demo_truth[f"flipped_{label}"]).all()
+
+
+def test_hidden_device_share_is_near_its_rate_and_its_films_are_smaller(tiny_films):
+    """Mode 4: about 15 % of the films (binomial tolerance, 4 sd), and exactly those are 7/8 size."""
+    out, df = tiny_films
+    p, n = PARAMS["hidden_device"]["p"], len(df)
+    assert p == 0.15
+    assert abs(df["hidden_device"].mean() - p) <= 4 * np.sqrt(p * (1 - p) / n)
+    sizes = np.array([read_gray(out / path).shape[0] for path in df["image_path"]])
+    np.testing.assert_array_equal(sizes, np.where(df["hidden_device"] == 1, 28, 32))
+
+
+def test_hidden_device_is_independent_of_the_csv_columns():
+    """Mode 4 is drawn per image after everything else: its share is the same in every site, view
+    and label group, so no metadata column can stand in for it."""
+    df = sample_cases(4000, seed=7)
+    p = PARAMS["hidden_device"]["p"]
+    for column in ("site", "view", "Effusion", "Edema", "split"):
+        shares = df.groupby(column)["hidden_device"].mean()
+        assert (shares - p).abs().max() < 0.05, (column, shares.to_dict())
+
+
+def test_device_films_have_a_bright_uniform_band_below_the_cutoff(demo_truth, demo_set):
+    """Mode 4 on the written films: the bottom rows (below the highest possible line) are the
+    nearly uniform collimator shadow, far brighter than the same rows of other films."""
+    out, _ = demo_set
+    device, other = [], []
+    for path, is_device in zip(demo_truth["image_path"], demo_truth["hidden_device"]):
+        image = read_gray(out / path).astype(np.float32)
+        band = image[int(0.70 * image.shape[0]):]
+        (device if is_device else other).append((band.mean(), band.std()))
+    device, other = np.array(device), np.array(other)
+    assert len(device) >= 3 and len(other) >= 30
+    assert (np.abs(device[:, 0] - 255 * PARAMS["hidden_device"]["shadow"]) < 8).all()
+    assert (device[:, 1] < 8).all()                      # nearly uniform
+    assert device[:, 0].min() > other[:, 0].max() + 40
+
+
+def test_collimator_replaces_only_the_rows_below_its_line():
+    """Mode 4 as a mechanism: the same phantom with and without the collimator, at the device's
+    film size, is identical above the line and the shadow below it (an edge of a pixel or two)."""
+    cases = sample_cases(200, seed=9)
+    generators = image_generators(len(cases), 9)
+    checked = 0
+    for i, row in enumerate(cases.to_dict("records")):
+        if not row["hidden_device"]:
+            continue
+        phantom = sample_phantom(row, generators[i])
+        film = render_phantom(phantom, SIZE)
+        size = film_size(phantom, SIZE)
+        assert film.shape == (size, size) == (112, 112)
+        plain = render_phantom(dict(phantom, collimator=None), size)
+        line = phantom["collimator"]["cutoff"] * size
+        assert abs(phantom["collimator"]["cutoff"] - 0.66) <= 0.01
+        above, below = slice(0, int(line) - 2), slice(int(line) + 3, size)
+        mask = np.ones_like(film, bool)
+        if phantom["tag"] is not None:                   # the tag is drawn on both
+            mask[:20, :20] = False
+        np.testing.assert_array_equal(film[above][mask[above]], plain[above][mask[above]])
+        assert np.abs(film[below] - PARAMS["hidden_device"]["shadow"]).max() < 0.07
+        checked += 1
+    assert checked >= 3
+
+
+def test_collimator_hides_small_effusions_but_not_the_heart():
+    """Mode 4, what it is for: on device films the fluid of small effusions (under a third of the
+    maximum size) changes no pixel by more than 10 gray levels, though it does without the
+    collimator; large effusions climb above the line and stay visible; the heart's width
+    (silhouette columns) is kept."""
+    cases = sample_cases(300, seed=8)
+    generators = image_generators(len(cases), 8)
+    small_hidden, small_seen_plain, large_seen, heart_ratio = [], [], [], []
+    for i, row in enumerate(cases.to_dict("records")):
+        if not row["true_Effusion"]:
+            continue
+        phantom = sample_phantom(dict(row, hidden_device=1), generators[i])
+        plain = dict(phantom, collimator=None, tag=None)   # the same film without the device
+        phantom = dict(phantom, tag=None)
+
+        def film(p, **changes):
+            # both at the device's film size: 64 asked, 56 written
+            return to_uint8(render_phantom(dict(p, **changes), 64 if p["collimator"] else 56)).astype(int)
+
+        effusion_change = np.abs(film(phantom) - film(phantom, effusions=[])).max()
+        largest = max(e["size"] for e in phantom["effusions"])
+        if largest < 1 / 3:
+            small_hidden.append(effusion_change <= 10)
+            small_seen_plain.append(np.abs(film(plain) - film(plain, effusions=[])).max() > 10)
+        elif largest >= 2 / 3:
+            large_seen.append(effusion_change > 10)
+        device_cols = silhouette_columns(film(phantom), film(phantom, true_ctr=0.0))
+        plain_cols = silhouette_columns(film(plain), film(plain, true_ctr=0.0))
+        heart_ratio.append(np.ptp(device_cols) / np.ptp(plain_cols))
+        if len(heart_ratio) >= 30:
+            break
+    assert len(small_hidden) >= 8 and len(large_seen) >= 3
+    assert np.mean(small_hidden) >= 0.8 and np.mean(small_seen_plain) >= 0.8
+    assert all(large_seen)
+    assert np.mean(heart_ratio) >= 0.95 and min(heart_ratio) >= 0.75
+
+
+def tag_box(image: np.ndarray) -> np.ndarray:
+    """The top-left corner where site B's tag sits (its square, jitter included, lies inside)."""
+    s = image.shape[0]
+    return image[:int(0.16 * s), :int(0.16 * s)]
+
+
+def test_site_b_films_carry_a_white_tag_and_the_others_do_not(demo_truth, demo_set):
+    """Mode 5 on the written films: pure white (255) in the top-left corner on every site-B film
+    (a dark letter takes part of the square), nothing near white there on the others."""
+    out, _ = demo_set
+    for path, site in zip(demo_truth["image_path"], demo_truth["site"]):
+        image = read_gray(out / path)
+        box = tag_box(image)
+        if site == "B":
+            side = round(PARAMS["site_tag"]["width"] * image.shape[0])
+            assert (box == 255).sum() >= 0.4 * side * side
+            assert box.min() < 100                       # the letter
+        else:
+            assert (box >= 200).sum() == 0
+    assert (demo_truth["site"] == "B").sum() >= 5
+
+
+def test_site_b_has_a_higher_effusion_prevalence():
+    """Mode 5 in the table: site B's Effusion prevalence (given labels) is well above A's and C's."""
+    df = sample_cases(4000, seed=10)
+    prevalence = df.groupby("site")["Effusion"].mean()
+    assert PARAMS["site_effusion"] == {"A": 0.0, "B": 0.15, "C": 0.0}
+    assert prevalence["B"] > max(prevalence["A"], prevalence["C"]) + 0.08
+    assert abs(prevalence["A"] - prevalence["C"]) < 0.05
+
+
+def test_label_flip_count_rounds_half_up_and_keeps_one_from_ten_test_rows():
+    assert PARAMS["test_label_flips"] == 0.05
+    assert [label_flip_count(n) for n in (0, 9, 10, 20, 29, 30, 200, 210)] == [0, 0, 1, 1, 1, 2, 10, 11]
+
+
+@pytest.mark.parametrize("n, seed", [(40, 1), (60, 0), (120, 5), (1000, 2)])
+def test_label_flips_only_in_the_test_split(n, seed):
+    """Mode 6 in the table: per label, exactly ``label_flip_count(n_test)`` flipped rows (5 %
+    rounded; at least one once the test split has 10 rows: n=40 has 6, none flipped), all in the
+    test split; CSV label = true XOR flipped; ``num_findings`` counts the CSV's labels."""
+    cases = sample_cases(n, seed)
+    truth = truth_table(cases)
+    test = (cases["split"] == "test").to_numpy()
+    for label in LABELS:
+        flipped = truth[f"flipped_{label}"].to_numpy() == 1
+        assert flipped.sum() == label_flip_count(test.sum())
+        assert flipped.sum() == (max(1, int(np.floor(0.05 * test.sum() + 0.5))) if test.sum() >= 10 else 0)
+        assert not flipped[~test].any()
+        assert (cases[label] == (truth[f"true_{label}"] ^ truth[f"flipped_{label}"])).all()
+    assert (cases["num_findings"] == cases[LABELS].sum(axis=1)).all()
+
+
+def test_images_show_the_true_labels_not_the_flipped_ones():
+    """Mode 6: a flipped row's phantom carries its TRUE findings (the pixels are right, the CSV is
+    wrong)."""
+    cases = sample_cases(1000, seed=2)
+    generators = image_generators(len(cases), 2)
+    checked = 0
+    for i, row in enumerate(cases.to_dict("records")):
+        if row["Effusion"] == row["true_Effusion"] and row["Edema"] == row["true_Edema"]:
+            continue
+        phantom = sample_phantom(row, generators[i])
+        assert bool(phantom["effusions"]) == bool(row["true_Effusion"])
+        assert (phantom["edema"] is not None) == bool(row["true_Edema"])
+        checked += 1
+    assert checked >= 10

@@ -1,8 +1,10 @@
 """Synthetic chest X-ray phantoms with planted failure modes: the demo data set.
 
 ``python -m tools.make_demo_data --out DIR --n N --seed S [--size 256] [--workers 1]`` writes
-``DIR/images/p<patient>_f<follow_up>.png`` (8-bit grayscale, size x size) and ``DIR/demo.csv``
-with the columns in ``CSV_COLUMNS``. Not medical data; for exercising the suite only.
+``DIR/images/p<patient>_f<follow_up>.png`` (8-bit grayscale, size x size; 7/8 of that from the
+hidden device of failure mode 4), ``DIR/demo.csv`` with the columns in ``CSV_COLUMNS``, and
+``DIR/demo_truth.csv`` (``TRUTH_FILE``, ``TRUTH_COLUMNS``): the ground truth of failure modes 4-6,
+which no CSV column reveals; only tests read it. Not medical data; for exercising the suite only.
 
 What the images show
 --------------------
@@ -17,11 +19,12 @@ position, small rotation, inspiration and exposure.
 
 Findings (``LABELS``):
 - Cardiomegaly: the true cardiothoracic ratio (CTR: widest heart width / widest inner thoracic
-  width) is > 0.5 (0.52-0.68); normal hearts have CTR 0.38-0.485 (mean 0.44). The label is a
-  property of the patient and the same on every follow-up.
+  width) is > 0.5 (0.52-0.68); normal hearts have CTR 0.38-0.485 (mean 0.44). The true label is
+  a property of the patient and the same on every follow-up (the CSV's may not be: mode 6).
 - Effusion: fluid fills the costophrenic recess of one or both hemithoraces, with a meniscus
   (higher at the lateral wall than medially) that blunts the angle and, when larger, hides the
-  diaphragm dome. Size ranges from a just-blunted angle to a third of the lung height.
+  diaphragm dome. Size ranges from a just-blunted angle to a third of the lung height. Site B
+  sees more of it (failure mode 5).
 - Edema: bilateral perihilar haze ("bat wing") plus fine interstitial lines: Kerley-B-like short
   horizontal lines running in from the lateral pleura of the lower zones and a few longer
   Kerley-A-like lines pointing to the hila. The haze alone is deliberately faint (and healthy films
@@ -56,12 +59,40 @@ Planted failure modes (ground truth for the suite's failure analysis)
    single-finding images (``num_findings_bin`` "1") and in patients without Edema; the case
    studies show them as barely blunted angles. (Size and side are not CSV columns: the case
    studies are the way to see them.)
+4. A hidden device: a failure no metadata column names. Mechanism: ``PARAMS["hidden_device"]``
+   ["p"] (15 %) of the images, drawn per image independently of site, view and labels, come from
+   an unnamed device whose collimator cuts off the lung bases: below a horizontal image line at
+   about 66 % of the height (+/- 1 %, placed after pose) the film is the bright, nearly uniform
+   shadow of the unexposed detector (0.9 plus a little noise, soft edge of a pixel or two). It
+   hides the costophrenic recesses and with them the small effusions (about three quarters of
+   those under a third of the maximum size show no fluid above the line), but not the larger
+   ones, whose meniscus climbs the lateral wall above the line; the line sits as low as the heart
+   allows (its widest row stays above it on ~95 % of films, its full width on nearly all), so a
+   lower line would start cutting the cardiac silhouette. It also hides the lowest Kerley-B-like
+   lines. The device writes its films at ``size_ratio`` (7/8) of ``--size``. Expected finding:
+   Effusion is missed on these films (sensitivity and AUROC much lower inside the subset, near
+   chance for the small effusions), found only by slice discovery on the model's features (no
+   column names the subset); the slice is described by original size and brightness.
+5. A shortcut: site B. Mechanism: site B adds ``PARAMS["site_effusion"]["B"]`` (0.15) to the
+   per-image Effusion probability, and every site-B film carries a burned-in tag
+   (``PARAMS["site_tag"]``: a pure white square, 9 % of the image width, with a dark letter,
+   top-left with a few pixels of jitter), drawn after processing. A model can detect Effusion
+   partly by recognising site B. Expected finding: a probe of ``site`` from the model's features
+   is far above chance, and Effusion prevalence differs across sites: a shortcut risk.
+6. Label noise in the test split. Mechanism: after the split, for each label on its own,
+   ``label_flip_count`` test rows (``PARAMS["test_label_flips"]`` = 5 % of the test split,
+   rounded, at least one from 10 test rows up), chosen at random, have the label flipped (0 <-> 1)
+   in the CSV; the images show the true labels, and ``num_findings`` counts the CSV's labels.
+   Expected finding: label-issue detection ranks the flipped rows at the top (confident
+   predictions that disagree with the given label), and test metrics are slightly pessimistic.
 
-Determinism: the table comes from one generator seeded by ``seed``; each image has its own
-``numpy.random.default_rng`` spawned from the seed and the image's row number, and its patient's
-anatomy from a per-patient seed, so the same ``seed`` and ``n`` give the same CSV and image bytes
-whatever the order or parallelism of rendering (on one platform and library versions: float
-rounding in numpy/OpenCV kernels may differ between CPUs or releases).
+Determinism: the table comes from one generator seeded by ``seed`` (the draws of modes 4 and 6
+come after the split, so they do not change the patients, true labels and splits drawn before
+them); each image has its own ``numpy.random.default_rng`` spawned from the seed and the image's
+row number, and its patient's anatomy from a per-patient seed, so the same ``seed`` and ``n`` give
+the same CSV, truth file and image bytes whatever the order or parallelism of rendering (on one
+platform and library versions: float rounding in numpy/OpenCV kernels may differ between CPUs or
+releases).
 """
 from __future__ import annotations
 
@@ -84,6 +115,9 @@ LABELS = list(DEFAULT_LABELS)  # the findings of the demo phantoms
 CSV_COLUMNS = ["image_path", "split", *LABELS, "view", "sex", "age", "site", "patient_id",
                "follow_up", "num_findings", "num_findings_bin"]
 SITES = ("A", "B", "C")
+TRUTH_FILE = "demo_truth.csv"   # ground truth of failure modes 4-6, for tests only
+TRUTH_COLUMNS = ["image_path", "hidden_device",
+                 *[column for label in LABELS for column in (f"true_{label}", f"flipped_{label}")]]
 
 # Every tunable number. Geometry is in units of the image width (x right, y down) in the patient
 # frame before pose; attenuation is in arbitrary log-attenuation units (soft tissue thickness 1).
@@ -136,6 +170,20 @@ PARAMS = {
         "C": {"median": True, "lowpass_sigma": 0.008, "unsharp": 0.0, "window": (0.80, 3.8), "gamma": 1.25},
     },
     "unsharp_sigma": 0.015,
+    # ---- planted failure modes 4-6 (ground truth in TRUTH_FILE, never in the CSV) ----
+    # 4. an unnamed device: per image, independent of site, view and labels. Its collimator
+    # replaces everything below a horizontal line (image heights, after pose; +/- jitter) by the
+    # bright unexposed-detector shadow (value in [0, 1], noise sd) with a soft edge of ~edge_px
+    # pixels, and it writes films at size_ratio of --size.
+    "hidden_device": {"p": 0.15, "cutoff": 0.66, "cutoff_jitter": 0.01, "shadow": 0.9,
+                      "shadow_noise": 0.012, "edge_px": 1.5, "size_ratio": 7 / 8},
+    # 5. a shortcut: added to the per-image Effusion probability by site, and a burned-in tag
+    # (white square of side ``width``, dark ``letter``) on every film of ``site``, top-left at
+    # ``corner`` + U(0, jitter) (all in image widths), drawn after processing so it is pure white
+    "site_effusion": {"A": 0.0, "B": 0.15, "C": 0.0},
+    "site_tag": {"site": "B", "letter": "R", "width": 0.09, "corner": 0.03, "jitter": 0.015},
+    # 6. label noise: share of test-split rows whose label is flipped, per label
+    "test_label_flips": 0.05,
 }
 
 
@@ -175,7 +223,8 @@ def _image_draw(patient: dict, follow_up: int, rng: np.random.Generator) -> dict
     p = PARAMS
     hf = patient["heart_failure"]
     edema = rng.random() < p["p_edema"][0] + p["p_edema"][1] * hf
-    effusion = rng.random() < p["p_effusion"][0] + p["p_effusion"][1] * hf + p["p_effusion"][2] * edema
+    effusion = rng.random() < (p["p_effusion"][0] + p["p_effusion"][1] * hf + p["p_effusion"][2] * edema
+                               + p["site_effusion"][patient["site"]])
     b, b_edema, b_effusion, b_old, b_follow = p["p_ap"]
     p_ap = (b + b_edema * edema + b_effusion * effusion
             + b_old * (patient["age"] >= 75) + b_follow * (follow_up > 0))
@@ -187,10 +236,20 @@ def findings_bin(count: int) -> str:
     return "2+" if count >= 2 else str(count)
 
 
+def label_flip_count(n_test: int) -> int:
+    """Failure mode 6: how many test rows get each label flipped: ``test_label_flips`` of them,
+    rounded half up, and at least one once the test split has 10 rows (small demo sets still
+    carry some noise for the label-issue check to find)."""
+    count = int(math.floor(PARAMS["test_label_flips"] * n_test + 0.5))
+    return max(count, 1) if n_test >= 10 else count
+
+
 def sample_cases(n: int, seed: int) -> pd.DataFrame:
     """The demo table for ``n`` images: ``CSV_COLUMNS`` plus the hidden ground truth the renderer
-    needs (``true_ctr``, ``heart_failure``, ``anatomy_seed``). Patients are drawn until ``n``
-    images exist (the last patient's follow-ups are cut to fit); splits are grouped by patient."""
+    needs (``true_ctr``, ``heart_failure``, ``anatomy_seed``, ``hidden_device`` and the true labels
+    ``true_<label>``). Patients are drawn until ``n`` images exist (the last patient's follow-ups
+    are cut to fit); splits are grouped by patient. The label columns are the given (CSV) labels,
+    flipped on a few test rows (failure mode 6); images are rendered from ``true_<label>``."""
     from tools.table import auto_split  # one split rule for the whole suite
 
     table_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
@@ -212,8 +271,35 @@ def sample_cases(n: int, seed: int) -> pd.DataFrame:
         patient_id += 1
     df = pd.DataFrame(rows)
     df = auto_split(df, PARAMS["split_fractions"], seed=int(table_rng.integers(0, 2**31 - 1)))
-    hidden = ["true_ctr", "heart_failure", "anatomy_seed"]
+    df = df.reset_index(drop=True)
+    # drawn after everything above, so modes 4 and 6 leave the patients, labels and splits as they were
+    # failure mode 4: the unnamed device, per image, independent of every CSV column
+    df["hidden_device"] = (table_rng.random(len(df)) < PARAMS["hidden_device"]["p"]).astype(int)
+    # failure mode 6: label noise in the test split only, each label on its own rows
+    test_rows = np.flatnonzero(df["split"].to_numpy() == "test")
+    flips = label_flip_count(len(test_rows))
+    for label in LABELS:
+        given = df[label].to_numpy(dtype=int)
+        df[f"true_{label}"] = given.copy()
+        chosen = table_rng.choice(test_rows, size=flips, replace=False) if flips else []
+        given[chosen] = 1 - given[chosen]
+        df[label] = given
+    # the CSV's counts agree with the CSV's labels, as a real table's would
+    df["num_findings"] = df[LABELS].sum(axis=1)
+    df["num_findings_bin"] = df["num_findings"].map(findings_bin)
+    hidden = ["true_ctr", "heart_failure", "anatomy_seed", "hidden_device",
+              *[f"true_{label}" for label in LABELS]]
     return df[CSV_COLUMNS + hidden]
+
+
+def truth_table(cases: pd.DataFrame) -> pd.DataFrame:
+    """``TRUTH_COLUMNS`` of a ``sample_cases`` table: the hidden device and, per label, the true
+    label and whether the CSV's label differs from it."""
+    truth = cases[["image_path", "hidden_device"]].copy()
+    for label in LABELS:
+        truth[f"true_{label}"] = cases[f"true_{label}"]
+        truth[f"flipped_{label}"] = (cases[label] != cases[f"true_{label}"]).astype(int)
+    return truth[TRUTH_COLUMNS]
 
 
 # ====== the phantom: every random choice for one image ======
@@ -332,9 +418,12 @@ def _edema_draw(rng, anatomy: dict, inspiration: float) -> dict:
 
 
 def sample_phantom(case, rng: np.random.Generator) -> dict:
-    """Every random choice for one image, given its table row ``case`` (labels, view, sex, site,
-    ``true_ctr``, ``heart_failure``, ``anatomy_seed``) and the image's own generator. Rendering
-    (``render_phantom``) is then a pure function of this dict."""
+    """Every random choice for one image, given its ``sample_cases`` row ``case`` (true labels
+    ``true_<label>``, view, sex, site, ``true_ctr``, ``heart_failure``, ``anatomy_seed``,
+    ``hidden_device``) and the image's own generator. Rendering (``render_phantom``) is then a
+    pure function of this dict. The film shows the TRUE labels, not the (possibly flipped) given
+    ones; the draws of failure modes 4 and 5 come last and only on their films, so the other
+    films' draws do not depend on them."""
     p = PARAMS
     anatomy = sample_anatomy(np.random.default_rng(int(case["anatomy_seed"])))
     ap = case["view"] == "AP"
@@ -355,15 +444,31 @@ def sample_phantom(case, rng: np.random.Generator) -> dict:
         # edema haze alone is ambiguous
         "perihilar_density": _uniform(rng, p["perihilar_density"]),
         "lateral_basal_density": _uniform(rng, p["lateral_basal_density"]),
-        "effusions": _effusion_draw(rng, bool(case["heart_failure"])) if int(case["Effusion"]) else [],
-        "edema": _edema_draw(rng, anatomy, inspiration) if int(case["Edema"]) else None,
+        "effusions": _effusion_draw(rng, bool(case["heart_failure"])) if int(case["true_Effusion"]) else [],
+        "edema": _edema_draw(rng, anatomy, inspiration) if int(case["true_Edema"]) else None,
         "noise_sd": p["noise_sd"][case["view"]] * _uniform(rng, (0.8, 1.2)),
         "noise_seed": int(rng.integers(0, 2**63 - 1)),
         # this film's exposure, relative to its site's window
         "window_shift": float(rng.normal(0, p["exposure"]["center_sd"])),
         "window_gain": _uniform(rng, p["exposure"]["slope_range"]),
+        "collimator": _collimator_draw(rng) if int(case["hidden_device"]) else None,
+        "tag": _tag_draw(rng) if case["site"] == p["site_tag"]["site"] else None,
     }
     return phantom
+
+
+def _collimator_draw(rng) -> dict:
+    """Failure mode 4: this film's collimation line (image heights) and its shadow's noise seed."""
+    device = PARAMS["hidden_device"]
+    return {"cutoff": device["cutoff"] + _uniform(rng, (-device["cutoff_jitter"], device["cutoff_jitter"])),
+            "noise_seed": int(rng.integers(0, 2**63 - 1))}
+
+
+def _tag_draw(rng) -> dict:
+    """Failure mode 5: where the burned-in tag's top-left corner lies (image widths)."""
+    tag = PARAMS["site_tag"]
+    return {"x": tag["corner"] + _uniform(rng, (0.0, tag["jitter"])),
+            "y": tag["corner"] + _uniform(rng, (0.0, tag["jitter"]))}
 
 
 # ====== rendering: a pure function of the phantom ======
@@ -689,9 +794,54 @@ def _process(mu: np.ndarray, phantom: dict) -> np.ndarray:
     return np.clip(curve, 0.0, 1.0) ** site["gamma"]
 
 
+def film_size(phantom: dict, size: int) -> int:
+    """Side of the written film: ``size``, or ``size_ratio`` of it from the hidden device (mode
+    4), so the films' original size describes that subset."""
+    if phantom["collimator"] is None:
+        return int(size)
+    return int(round(size * PARAMS["hidden_device"]["size_ratio"]))
+
+
+def _collimate(image: np.ndarray, collimator: dict) -> np.ndarray:
+    """Failure mode 4: below the collimation line (image rows, after pose) the detector was not
+    exposed: a bright, nearly uniform shadow with a soft edge of a pixel or two replaces the
+    film, costophrenic recesses included, and with them the fluid of most small effusions."""
+    device, size = PARAMS["hidden_device"], image.shape[0]
+    rows = (np.arange(size, dtype=np.float32) + 0.5) / size
+    # _soft ramps over 4 edges: edge_px / 4 pixels each
+    inside = _soft(rows - collimator["cutoff"], device["edge_px"] / (4.0 * size))[:, None]
+    rng = np.random.default_rng(collimator["noise_seed"])
+    shadow = device["shadow"] + device["shadow_noise"] * rng.standard_normal(image.shape)
+    return np.clip(image * (1.0 - inside) + shadow * inside, 0.0, 1.0)
+
+
+def _burn_tag(image: np.ndarray, tag: dict) -> np.ndarray:
+    """Failure mode 5: a white square with a dark letter burned into the top-left corner after
+    processing, so it is pure white (255) on every film that carries it."""
+    params, size = PARAMS["site_tag"], image.shape[0]
+    side = max(4, int(round(params["width"] * size)))
+    patch = np.full((side, side), 255, np.uint8)
+    font, thickness = cv2.FONT_HERSHEY_SIMPLEX, max(1, int(round(side / 12)))
+    (width, height), _ = cv2.getTextSize(params["letter"], font, 1.0, thickness)
+    scale = 0.6 * side / height
+    (width, height), _ = cv2.getTextSize(params["letter"], font, scale, thickness)
+    origin = ((side - width) // 2, (side + height) // 2)
+    cv2.putText(patch, params["letter"], origin, font, scale, 0, thickness, cv2.LINE_AA)
+    x0, y0 = int(round(tag["x"] * size)), int(round(tag["y"] * size))
+    out = image.copy()
+    out[y0:y0 + side, x0:x0 + side] = patch.astype(np.float32) / 255.0
+    return out
+
+
 def render_phantom(phantom: dict, size: int = 256) -> np.ndarray:
-    """The displayed film of a phantom: float32 in [0, 1], size x size; pure and deterministic."""
-    return _process(_attenuation(phantom, size), phantom).astype(np.float32)
+    """The displayed film of a phantom: float32 in [0, 1], ``film_size`` square (``size`` unless
+    the hidden device took it); pure and deterministic."""
+    image = _process(_attenuation(phantom, film_size(phantom, size)), phantom)
+    if phantom["collimator"] is not None:
+        image = _collimate(image, phantom["collimator"])
+    if phantom["tag"] is not None:
+        image = _burn_tag(image, phantom["tag"])
+    return image.astype(np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -720,8 +870,10 @@ def _write_film(job) -> str | None:
 
 
 def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, workers: int = 1) -> Path:
-    """Write ``out_dir/images/*.png`` and ``out_dir/demo.csv`` (``CSV_COLUMNS``); return the CSV
-    path. Same ``seed`` and ``n`` give byte-identical files, whatever ``workers`` is."""
+    """Write ``out_dir/images/*.png``, ``out_dir/demo.csv`` (``CSV_COLUMNS``) and the ground truth
+    of failure modes 4-6, ``out_dir/TRUTH_FILE`` (``TRUTH_COLUMNS``, for tests; the suite never
+    reads it); return the CSV path. Same ``seed`` and ``n`` give byte-identical files, whatever
+    ``workers`` is."""
     from tools.files import write_csv
 
     if int(n) < 1:
@@ -750,6 +902,7 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
     if failed:
         raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); "
                         "check free space and permissions")
+    write_csv(out_dir / TRUTH_FILE, truth_table(cases))
     return write_csv(out_dir / "demo.csv", cases[CSV_COLUMNS])
 
 
@@ -759,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a synthetic chest X-ray demo data set (phantoms with planted failure modes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--out", required=True, help="output folder (images/ and demo.csv)")
+    parser.add_argument("--out", required=True,
+                        help="output folder (images/, demo.csv and the tests' demo_truth.csv)")
     parser.add_argument("--n", type=int, default=1000, help="number of images")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
