@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Chest X-ray failure-analysis suite: train / eval / stress / calibrate / selective / valtool / compare.
+"""Chest X-ray failure-analysis suite: train / eval / stress / calibrate / selective / valtool / compare / discover.
 
 Research and education only; not for clinical use. Flags, files and keys: README.md.
 """
@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from tools.cli import (Formatter, common_parser, guarded, model_options, prediction_flags, run_options, slicing_flags,
-                       uncertainty_flags)
+from tools.cli import (Formatter, common_parser, discovery_flags, guarded, model_options, prediction_flags, run_options,
+                       slicing_flags, uncertainty_flags)
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 
@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     vt.add_argument("--compare-with", default=None, metavar="A",
                     help="a reference model (file or predictions CSV): the report compares the audited model with it")
+    discovery_flags(vt, optional=True)
+
+    dis = sub.add_parser("discover", parents=[common], formatter_class=Formatter,
+                         help="failures no column names: slices found on the features, shortcut probes, label issues")
+    discovery_flags(dis, optional=False)
+    dis.add_argument("--bootstrap", type=int, default=1000,
+                     help="patient bootstrap resamples for the intervals (95%%); 0 = off")
 
     cmp = sub.add_parser("compare", parents=[common], formatter_class=Formatter,
                          help="is model B better than model A, and where? paired bootstrap per label and slice")
@@ -106,7 +113,8 @@ def subject_of(run, args):
     from tools.audit import open_subject
     from tools.model_files import ModelRequest
 
-    return open_subject(run, ModelRequest(**model_options(args)), args.predictions, args.pred_format, args.csv,
+    return open_subject(run, ModelRequest(**model_options(args)), getattr(args, "predictions", None),
+                        getattr(args, "pred_format", None), args.csv,
                         args.img_root, args.labels, getattr(args, "group_col", ()), args.compile)
 
 
@@ -213,8 +221,28 @@ def cmd_valtool(args) -> None:
                           group_cols=args.group_col, min_group_size=args.min_group_size, bootstrap=args.bootstrap,
                           mc_samples=args.mc_samples, tta_samples=args.tta_samples, corruptions=args.corruptions,
                           case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,
-                          compare_with=args.compare_with)
+                          compare_with=args.compare_with, discover=not args.no_discover,
+                          discover_split=args.discover_split, label_audit_folds=args.label_audit_folds,
+                          audit_split=args.audit_split)
     run_valtool(run, opts, compile=args.compile)
+
+
+# ====== discover ======
+
+def cmd_discover(args) -> None:
+    from tools.stages.discover import discovery_passes, write_discovery
+
+    if not args.weights:
+        raise UserError("discover needs the model's penultimate features: pass --weights (a model file)")
+    run = start(args)
+    subject = subject_of(run, args)
+    if subject.missing("features"):
+        raise UserError(f"discover {subject.missing('features')}; pass a checkpoint or a state_dict as --weights")
+    data = subject.split(run, args.split)
+    passes = discovery_passes(run, subject, args.split, args.discover_split, args.audit_split, args.label_audit_folds)
+    out = subject.logits(run, data, features=True, desc=args.split)
+    write_discovery(run, data, out["logits"], out["features"], subject.labels, passes, bootstrap=args.bootstrap,
+                    audit_folds=args.label_audit_folds)
 
 
 # ====== compare ======
@@ -236,7 +264,7 @@ def cmd_compare(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "stress": cmd_stress, "calibrate": cmd_calibrate,
-            "selective": cmd_selective, "valtool": cmd_valtool, "compare": cmd_compare}
+            "selective": cmd_selective, "valtool": cmd_valtool, "compare": cmd_compare, "discover": cmd_discover}
 
 
 def main(argv=None) -> int:

@@ -82,6 +82,19 @@ def slicing_flags(parser) -> None:
                        help="bootstrap resamples for 95%% intervals (patients when patient_id exists); 0 = off")
 
 
+def discovery_flags(parser, optional: bool) -> None:
+    """Slice discovery, shortcut probes and label issues (``main.py discover``; valtool runs them
+    unless ``--no-discover``)."""
+    group = parser.add_argument_group("discovery")
+    group.add_argument("--discover-split", default="val",
+                       help="split the slice mixtures are fitted on (slices are then scored on --split)")
+    group.add_argument("--label-audit-folds", type=int, default=0, metavar="K",
+                       help="also audit the labels of --audit-split with heads cross-fitted on K folds (0 = off)")
+    group.add_argument("--audit-split", default="train", help="split the cross-fitted label audit reads")
+    if optional:
+        group.add_argument("--no-discover", action="store_true", help="skip slice discovery, probes and label issues")
+
+
 def uncertainty_flags(parser, reuse: bool) -> None:
     """``reuse``: also --test-split (calibrate and selective; valtool reports --split)."""
     group = parser.add_argument_group("calibration and uncertainty")

@@ -3,12 +3,16 @@
 Each analysis contributes tests: a group against the rest of the patients for each flaggable
 gap (``tools.slicing``: group column x group x label or macro x metric; a column with two values
 gives one comparison per label and metric, not two), a corrupted pass against the clean one per
-label (stress), ECE against its tolerance (calibration); on an unlabelled folder, each mean
-probability shift under a corruption against its tolerance. Every test carries a p-value; the
+label (stress), ECE against its tolerance (calibration), and from ``tools.discover``: each
+discovered slice against the rest, each column probed for a shortcut, each label's count of
+confident contradictions against chance; on an unlabelled folder, each mean probability shift
+under a corruption against its tolerance. Every test carries a p-value; the
 Benjamini-Hochberg q-values are computed over the whole family (``tools.stats.bh_qvalues``).
 
 An entry of the list is a test that points to a failure (the model does worse: a gap or a drop
-below 0, by at least MIN_DROP for a corruption; an ECE or a shift above its tolerance) with p < ALPHA. It
+below 0, by at least MIN_DROP for a corruption; an ECE or a shift above its tolerance; a column
+the features predict with AUROC >= MIN_PROBE_AUROC while a label's prevalence differs across it;
+more contradicted labels than chance gives) with p < ALPHA. It
 is a **finding** when q < ALPHA, otherwise a **candidate**: seen in this data, not established
 once the number of comparisons is accounted for.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tools.discover import MIN_PROBE_AUROC
 from tools.stats import bh_qvalues
 
 ALPHA = 0.05
@@ -81,6 +86,10 @@ def is_failure(test: dict) -> bool:
         return test["value"] > SHIFT_TOLERANCE
     if test["kind"] == "corruption":
         return test["gap"] <= -MIN_DROP
+    if test["kind"] == "shortcut":
+        return test["value"] >= MIN_PROBE_AUROC and test.get("label") is not None
+    if test["kind"] == "label_issue":
+        return test["count"] > test["expected"]
     return test["gap"] < 0
 
 
@@ -110,8 +119,16 @@ def describe(test: dict) -> str:
     if test["kind"] == "corruption":
         return (f"{test['corruption']} severity {test['severity']} ({test['param']}): {test['label']} AUROC "
                 f"{test['gap']:+.3f}{_ci(test['ci95'])} ({stat})")
+    if test["kind"] == "discovered_slice":
+        return f"discovered slice {test['slice_id']} ({test['label']}): {test['description']} ({stat})"
     ci = test["ci95"]
     shown = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    if test["kind"] == "shortcut":
+        return (f"shortcut risk {test['column']}: the features predict it (probe AUROC {test['value']:.3f}{shown}) "
+                f"and {test['detail']} ({stat})")
+    if test["kind"] == "label_issue":
+        return (f"{test['label']} labels ({test['split']}): {test['count']} of {test['n']} contradicted with confidence "
+                f"({test['value']:.1%}{_pct(ci)}), {test['expected']:.1f} expected from calibrated probabilities ({stat})")
     if test["kind"] == "prediction_shift":
         return (f"{test['corruption']} severity {test['severity']}: {test['label']} probability moves "
                 f"{test['value']:.3f}{shown} on average, above {SHIFT_TOLERANCE} ({stat})")
@@ -120,6 +137,10 @@ def describe(test: dict) -> str:
 
 def _p(value) -> str:
     return "n/a" if value is None else ("<0.001" if value < 0.001 else f"{value:.3f}")
+
+
+def _pct(ci) -> str:
+    return f" [{ci[0]:.1%}, {ci[1]:.1%}]" if ci else ""
 
 
 def _ci(ci) -> str:

@@ -417,13 +417,64 @@ def eval_section(outdir: Path) -> Html:
     return section("Evaluation", parts, "eval")
 
 
+def discover_section(outdir: Path) -> Html:
+    """Slices found on the model's features, shortcut probes, label issues (discover/)."""
+    folder = outdir / "discover"
+    info = read_json_optional(folder / "discover_summary.json")
+    if not isinstance(info, dict) or "_error" in info:
+        return Html("")
+    parts = [note(f"Slices: mixtures over the model's features, label and prediction fitted on the "
+                  f"{info.get('discover_split')!r} split ({info.get('n_fit')} films), members of the "
+                  f"{info.get('split')!r} split ({info.get('n')} films) assigned from the features alone, so each "
+                  "gap is measured on films not chosen by their errors. Gap = AUROC in the slice minus the rest "
+                  "(macro for 'any error'), 95% patient-bootstrap interval widened to the score interval; p and q "
+                  "enter the failure list above.")]
+    slices = read_csv_optional(folder / "slices.csv")
+    if slices is not None and len(slices):
+        rows = [[r.slice_id, r.label, r.n, fmt(r.value), fmt(r.gap, signed=True),
+                 fmt_interval([r.ci_low, r.ci_high], signed=True), fmt_p(r.p_value), fmt_p(r.q_value), r.description]
+                for r in slices.itertuples()]
+        parts.append(table(["slice", "label", "n", "AUROC", "gap", "95% CI", "p", "q", "what describes it"], rows))
+        parts += figures(folder, "slice_*.png", lambda p: "the slice's most typical films (highest membership "
+                                                          "probability) with label and predicted probability.")
+    probes = read_csv_optional(folder / "shortcut_probes.csv")
+    if probes is not None and len(probes):
+        parts.append(Html("<h3>Shortcut probes</h3>"))
+        risks = probes[probes["risk"].astype(str).str.lower() == "true"]
+        parts += [note(f"Shortcut risk: {r.column}: the features predict it (AUROC {fmt(r.probe_auroc)} "
+                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]) and {r.detail}.", "warn") for r in risks.itertuples()]
+        parts.append(note("Probe AUROC: cross-validated logistic regression from the features to the column "
+                          "(folds by patient; one-vs-rest macro for more than two groups), 0.5 = not predictable. "
+                          "prevalence gap: largest minus smallest prevalence over the column's groups of 10 films or "
+                          "more. A risk needs both: probe AUROC >= 0.6 and a prevalence gap >= 0.05, p < 0.05."))
+        parts.append(frame_table(probes))
+    by_property = read_csv_optional(folder / "property_label_auroc.csv")
+    if by_property is not None and len(by_property):
+        parts += [Html("<h3>Does an image property alone predict a label?</h3>"),
+                  note("AUROC of the property as a score for the label (0.5: no; below 0.5: lower values go with "
+                       "positives); q = Benjamini-Hochberg over this table."), frame_table(by_property)]
+    issues = info.get("label_issues") or {}
+    per_label = issues.get("per_label") or []
+    if per_label:
+        parts.append(Html("<h3>Label issues</h3>"))
+        parts.append(note("Confident learning: a given label is contradicted when the model's probability of the "
+                          "other class reaches that class's mean probability. Expected: the count that labels drawn "
+                          "from the calibrated probabilities would give; p = P(count >= observed) under that draw."))
+        rows = [[t.get("label"), t.get("split"), t.get("count"), t.get("n"), fmt_ci(t.get("value"), t.get("ci95")),
+                 fmt(t.get("expected")), fmt_p(t.get("p_value"))] for t in per_label]
+        parts.append(table(["label", "split", "contradicted", "n", "share [95% CI]", "expected", "p"], rows))
+        parts.append(figure(folder / "label_issues.png", "the top candidates (largest margin first) for review; "
+                                                         "the whole ranked list is label_issues.csv."))
+    return section("Failures no column names", parts, "discover")
+
+
 def not_run_section(summary: dict) -> Html:
     """The analyses that could not run on what was audited (predictions alone, TorchScript), and why."""
     not_run = summary.get("not_run") if isinstance(summary.get("not_run"), dict) else {}
     if not not_run:
         return Html("")
     names = {"stress": "Stress test", "mc_dropout": "MC-Dropout", "tta": "Test-time augmentation",
-             "case_studies": "Grad-CAM case studies"}
+             "case_studies": "Grad-CAM case studies", "discover": "Slice discovery, shortcut probes, label issues"}
     rows = [[names.get(k, k), why] for k, why in not_run.items()]
     return section("Not run", [table(["analysis", "why"], rows)], "not-run")
 
@@ -755,7 +806,7 @@ def build_report(outdir, generated: str | None = None) -> str:
         parts += [failures_section(summary), not_run_section(summary), unlabelled_section(outdir, summary)]
     else:
         parts += [headline_section(summary), failures_section(summary), not_run_section(summary),
-                  compare_section(outdir, summary), eval_section(outdir), stress_section(outdir, summary),
+                  compare_section(outdir, summary), discover_section(outdir), eval_section(outdir), stress_section(outdir, summary),
                   calibration_section(outdir, summary), selective_section(outdir, summary)]
     parts += [case_studies_section(outdir), data_checks_section(outdir), config_section(config)]
     title = f"cxr failure analysis: {summary.get('csv') or summary.get('image_dir') or outdir.name}"

@@ -54,24 +54,57 @@ def _nanstd1(x: np.ndarray) -> float:
     return float(x.std(ddof=1)) if len(x) > 1 else np.nan
 
 
-def image_quality(paths, store, image_size) -> pd.DataFrame:
-    """Per image: original size, bit depth proxy, brightness, contrast and simple flags
-    (tiny, nearly blank, saturated) that often explain odd predictions."""
+# bits per sample of a PIL image mode ("I;16" and its byte orders are 16-bit grayscale)
+_MODE_BITS = {"1": 1, "L": 8, "P": 8, "LA": 8, "RGB": 8, "RGBA": 8, "YCbCr": 8, "I": 32, "F": 32}
+PROPERTIES = ("brightness", "contrast", "sharpness", "original_height", "original_width", "bit_depth", "file_format")
+
+
+def image_properties(paths, store) -> pd.DataFrame:
+    """Per image, what describes a film besides its content: ``brightness`` and ``contrast``
+    (mean and standard deviation of the pixels the model sees, over the film's content without the
+    letterbox padding), ``sharpness`` (variance of the Laplacian over that content: Pech-Pacheco et
+    al. 2000), and from the file's header, read without decoding it again: ``original_height``,
+    ``original_width``, ``bit_depth`` (bits per sample) and ``file_format``."""
+    return _measure(paths, store).drop(columns="saturated_share")
+
+
+def _measure(paths, store) -> pd.DataFrame:
+    """:func:`image_properties` plus ``saturated_share`` (content pixels >= 250)."""
+    import cv2
     from PIL import Image
 
-    rows, bad = [], set(store.bad)
+    rows = []
     for i, path in enumerate(paths):
+        h = w = bits = fmt = None
         try:
-            with Image.open(path) as im:  # reads the header only: no second decode
+            with Image.open(path) as im:  # reads the header only
                 w, h = im.size
+                bits = 16 if im.mode.startswith("I;16") else _MODE_BITS.get(im.mode)
+                fmt = im.format
         except OSError:
-            h = w = None
+            pass
         pix = store[i]
-        box = content_box(pix[None])[0]  # without the letterbox padding
-        content = pix[box] if box.any() else pix.ravel()
-        mean, std = float(content.mean()), float(content.std())
-        rows.append({"image_path": path, "height": h, "width": w, "mean_intensity": mean, "std_intensity": std,
-                     "flag_small": bool(h is not None and min(h, w) < image_size),
-                     "flag_low_contrast": std < 10, "flag_saturated": float((content >= 250).mean()) > 0.2,
-                     "flag_dark": mean < 30, "flag_undecodable": i in bad})
-    return pd.DataFrame(rows)
+        box = content_box(pix[None])[0]
+        if not box.any():
+            box = np.ones_like(box)
+        content = pix[box]
+        rows.append({"image_path": path, "brightness": float(content.mean()), "contrast": float(content.std()),
+                     "sharpness": float(cv2.Laplacian(pix, cv2.CV_64F)[box].var()),
+                     "original_height": h, "original_width": w, "bit_depth": bits, "file_format": fmt,
+                     "saturated_share": float((content >= 250).mean())})
+    return pd.DataFrame(rows, columns=["image_path", *PROPERTIES, "saturated_share"])
+
+
+def image_quality(paths, store, image_size) -> pd.DataFrame:
+    """Per image: original size, brightness, contrast, sharpness, bit depth and format
+    (:func:`image_properties`) and simple flags (tiny, nearly blank, saturated, dark,
+    undecodable) that often explain odd predictions."""
+    m = _measure(paths, store)
+    h, w = m["original_height"].astype(float), m["original_width"].astype(float)
+    return pd.DataFrame({
+        "image_path": m["image_path"], "height": m["original_height"], "width": m["original_width"],
+        "mean_intensity": m["brightness"], "std_intensity": m["contrast"], "sharpness": m["sharpness"],
+        "bit_depth": m["bit_depth"], "file_format": m["file_format"],
+        "flag_small": (np.fmin(h, w) < image_size).to_numpy(), "flag_low_contrast": (m["contrast"] < 10).to_numpy(),
+        "flag_saturated": (m["saturated_share"] > 0.2).to_numpy(), "flag_dark": (m["brightness"] < 30).to_numpy(),
+        "flag_undecodable": np.isin(np.arange(len(paths)), list(store.bad))})

@@ -34,6 +34,7 @@ from tools.stages import case_studies as cases
 from tools.stages import stress
 from tools.stages.calibrate import calibration_split, samplers, spread, temperature_fit, write_calibration
 from tools.stages.evaluate import write_evaluation
+from tools.stages.discover import discovery_passes, write_discovery
 from tools.stages.selective import confidence_signals, write_selective
 from tools.uncertainty import public
 
@@ -62,6 +63,10 @@ class ValtoolOptions:
     predictions: list | None = None
     pred_format: str | None = None
     compare_with: str | None = None  # a reference model (A) the audited one (B) is compared with
+    discover: bool = True         # slice discovery, shortcut probes, label issues
+    discover_split: str = "val"
+    label_audit_folds: int = 0
+    audit_split: str = "train"
 
 
 def _flag(test: dict) -> dict:
@@ -81,8 +86,9 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     labels, model, table = subject.labels, subject.model, subject.source.table
     data = subject.split(run, opts.split)
     mc_samples, tta_samples, not_run = samplers(subject, opts.mc_samples, opts.tta_samples)
+    discovering = _discovery_possible(opts, subject, table, not_run)
     # ====== the one clean pass ======
-    clean = subject.logits(run, data, features=mc_samples > 0, desc="clean")
+    clean = subject.logits(run, data, features=mc_samples > 0 or discovering, desc="clean")
     logits = clean["logits"]
     probs = sigmoid(logits)
     # ====== eval with slicing ======
@@ -109,9 +115,15 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
                           bootstrap=opts.bootstrap)
     passes = model_passes(results, tta, tta_samples) if model is not None else 0
     compared = _compare(run, opts, subject, data, logits) if opts.compare_with else None
+    found = {"summary": None, "tests": []}
+    if discovering:
+        feature_passes = discovery_passes(run, subject, opts.split, opts.discover_split, opts.audit_split,
+                                          opts.label_audit_folds)
+        found = write_discovery(run.stage("discover"), data, logits, clean["features"], labels, feature_passes,
+                                temperature, opts.bootstrap, opts.label_audit_folds)
     if not distributed.is_main():  # every model pass is done; rank 0 alone summarises and writes
         return {}
-    summary = _labelled_summary(opts, labels, data, ev, summary_table, cal, sel, passes)
+    summary = _labelled_summary(opts, labels, data, ev, summary_table, cal, sel, passes, found)
     summary["data_checks"] = _data_checks(run, opts, labels, files=model is not None)
     summary["flagged_problems"] += [_fact("data", p) for p in summary["data_checks"]["problems"]]
     if subject.missing("features"):
@@ -123,6 +135,20 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     if compared is not None:
         summary["compare"] = compared
     return summary
+
+
+def _discovery_possible(opts: ValtoolOptions, subject: Subject, table, not_run: dict) -> bool:
+    """Whether discovery runs: asked for, features available, a discover split with rows (else
+    the reason goes to ``not_run``)."""
+    if not opts.discover:
+        return False
+    reason = subject.missing("features")
+    if reason is None and ("split" not in table.columns or not (table["split"].astype(str) == opts.discover_split).any()):
+        reason = f"no {opts.discover_split!r} split in --csv to fit the slices on (--discover-split): not run"
+    if reason:
+        not_run["discover"] = reason
+        log.warning("discover: %s", reason)
+    return reason is None
 
 
 def _can_fit(subject: Subject, table, split: str) -> bool:
@@ -177,8 +203,8 @@ def _case_studies(run: Run, opts: ValtoolOptions, model, labels, image_size: int
     return {kind: {k: c[k] for k in ("figure", "image_path", "exact", "why_nearest")} for kind, c in found.items()}
 
 
-def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal, sel, passes) -> dict:
-    tests = ev["tests"] + corruption_tests(stress_table, labels)
+def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal, sel, passes, found) -> dict:
+    tests = ev["tests"] + corruption_tests(stress_table, labels) + found["tests"]
     if cal.get("ece_above_tolerance_p") is not None and cal["ece_before"] is not None:
         tests.append({"kind": "calibration", "metric": "ece", "value": cal["ece_before"],
                       "ci95": cal.get("ece_before_ci95"), "p_value": cal["ece_above_tolerance_p"]})
@@ -206,11 +232,21 @@ def _labelled_summary(opts: ValtoolOptions, labels, data, ev, stress_table, cal,
         "uncertainty": {"mc_dropout": cal["mc_dropout"], "tta": cal["tta"]},
         "selective": {k: sel.get(k) for k in ("aurc", "aurc_ci95", "e_aurc", "e_aurc_ci95", "risk_at_full_coverage",
                                               "coverage_at_risk", "comparisons", "best_signal")} | {"signals": signals},
+        "discover": _discovery_summary(found["summary"]),
         "model_passes_over_split": passes,
         "failure_family": listed["family"],
         "flagged_problems": flagged,
         "note": NOTICE,
     }
+
+
+def _discovery_summary(found: dict | None) -> dict | None:
+    """What summary.json keeps of discover/discover_summary.json."""
+    if found is None:
+        return None
+    return {"discover_split": found["discover_split"], "slices": len(found["slices"]),
+            "shortcut_risks": [r["column"] for r in found["shortcut_risks"]],
+            "label_issue_candidates": found["label_issues"]["candidates"]}
 
 
 # ====== unlabelled folder ======
