@@ -83,3 +83,22 @@ def test_torchrun_compare_of_a_model_file_and_predictions_matches_one_process(de
     a, b = (pd.read_csv(tmp_path / d / "compare.csv") for d in ("ddp", "one"))
     pd.testing.assert_frame_equal(a, b, atol=1e-9)
     assert np.nanmax(np.abs(b["diff"])) < 1e-5  # the same model on both sides
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built in")
+def test_torchrun_discover_matches_one_process(demo, trained, tmp_path):
+    """discover under torchrun: both feature passes sharded, the analyses and files once on rank 0,
+    the same slices, probes and label issues as one process."""
+    root, csv = demo
+    common = ["--csv", csv, "--img-root", root, "--weights", trained / "best.pt", "--discover-split", "train",
+              "--bootstrap", 50, "--precision", "fp32", "--num-workers", 0, "--batch-size", 7]
+    proc = _torchrun("discover", *common, "--outdir", tmp_path / "ddp")
+    assert proc.stderr.count("discover done") == 1
+    assert run_main("discover", *common, "--outdir", tmp_path / "one") == 0
+    for name in ("slices.csv", "slice_members.csv", "shortcut_probes.csv", "label_issues.csv"):
+        a, b = pd.read_csv(tmp_path / "ddp" / name), pd.read_csv(tmp_path / "one" / name)
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        numeric = a.select_dtypes("number").columns
+        assert np.allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-4, equal_nan=True), name
+        text = [c for c in a.columns if c not in numeric and c != "description"]
+        assert a[text].astype(str).equals(b[text].astype(str)), name

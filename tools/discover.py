@@ -5,8 +5,8 @@ features, labels (NaN unknown), probabilities, the table's metadata and the imag
 ``tools.image_stats``. No figures, no files (``tools.stages.discover`` writes them).
 
 Slice discovery (the Domino idea: Eyuboglu et al., ICLR 2022, https://arxiv.org/abs/2203.14960):
-the features are reduced by PCA (fitted on the features of both splits: it sees no label and no
-prediction), then a mixture of Gaussians over the features (one diagonal covariance shared by the
+the features are reduced by a whitened PCA (fitted on the features of both splits: it sees no
+label and no prediction), then a mixture of Gaussians over the features (one diagonal covariance shared by the
 components), with a Bernoulli term for the label and one for the predicted probability (weighted
 by LABEL_WEIGHT), is fitted on the *discover* split, per label and once for "any error". The label and prediction
 terms pull the components towards groups where the model errs. Components are ranked by their
@@ -38,8 +38,8 @@ from tools.slicing import defined_by_labels, group_values
 from tools.stats import bootstrap_p, hull, score_interval, wilson
 
 ANY = "any error"            # the target of slices where the model errs on any label
-PCA_COMPONENTS = 16          # at most; fewer when the discover split is small
-MIXTURE_COMPONENTS = 8       # at most; about one per 25 rows of the discover split
+PCA_COMPONENTS = 8           # at most; fewer when the discover split is small
+MIXTURE_COMPONENTS = 5       # at most (more cut a coherent subset into pieces); one per 20 rows below that
 MIN_FIT_MEMBERS = 8          # a component with fewer rows on the discover split is not a slice
 LABEL_WEIGHT = 1.0           # weight of the label and prediction terms against the features
 SLICES_PER_TARGET = 2        # the worst components per label (and for any error) are reported
@@ -67,16 +67,17 @@ class Reducer:
 
 def fit_reducer(features, n_components: int = PCA_COMPONENTS) -> Reducer:
     """PCA of the standardised ``features`` with at most ``n_components`` and at most n/8
-    components (so a mixture on a small split stays estimable); scores scaled so the first has
-    unit variance."""
+    components (so a mixture on a small split stays estimable), whitened: every component scaled
+    to unit variance, so that a direction that separates a subset cleanly (a device, a protocol)
+    counts as much as the directions of largest variance (sites, exposure)."""
     x = np.asarray(features, float)
     mean, scale = x.mean(0), x.std(0)
     scale[scale == 0] = 1.0
     z = (x - mean) / scale
     k = int(max(2, min(n_components, len(x) // 8, x.shape[1])))
     _, s, vt = np.linalg.svd(z, full_matrices=False)
-    first = s[0] / np.sqrt(max(len(x) - 1, 1)) if s[0] > 0 else 1.0
-    return Reducer(mean, scale, vt[:k].T / first)
+    sd = s[:k] / np.sqrt(max(len(x) - 1, 1))
+    return Reducer(mean, scale, vt[:k].T / np.where(sd > 0, sd, 1.0))
 
 
 # ====== the error-aware mixture ======
@@ -137,8 +138,8 @@ def _pooled_variance(z, resp, nk) -> np.ndarray:
 
 
 def n_components_for(n: int) -> int:
-    """Mixture size for a discover split of ``n`` rows: about one component per 25 rows."""
-    return int(max(2, min(MIXTURE_COMPONENTS, n // 25)))
+    """Mixture size for a discover split of ``n`` rows: about one component per 20 rows."""
+    return int(max(2, min(MIXTURE_COMPONENTS, n // 20)))
 
 
 def target_columns(y, p, j: int | None) -> tuple[np.ndarray, np.ndarray]:

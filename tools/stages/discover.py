@@ -83,6 +83,7 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
     columns = dsc.describable_columns(data.df, labels, data.y)
 
     # ====== slices ======
+    names = data.df["image_path"].astype(str).tolist()  # as the CSV names them, not resolved
     slices = dsc.discover_slices(z_fit, passes.fit.y, fit_probs, labels, seed=seed)
     members, typical = dsc.assign(slices, z)
     rows, tests, member_rows = [], [], []
@@ -90,7 +91,7 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
         row, test = _slice_row(k, s, member, data, probs, labels, columns, props, bootstrap, seed)
         rows.append(row)
         tests += [test] if test else []
-        member_rows += [{"image_path": data.paths[i], "label": s.target, "slice_id": k} for i in np.flatnonzero(member)]
+        member_rows += [{"image_path": names[i], "label": s.target, "slice_id": k} for i in np.flatnonzero(member)]
         _slice_montage(run, k, s, member, typical[k - 1], data, probs, labels, row)
     q = bh_qvalues([np.nan if r["p_value"] is None else r["p_value"] for r in rows])
     for r, qv in zip(rows, q):
@@ -120,7 +121,7 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
 
     # ====== label issues ======
     issues = _issue_table(dsc.label_issues(data.y, probs, labels), data)
-    write_csv(run.outdir / "label_issues.csv", issues)
+    write_csv(run.outdir / "label_issues.csv", issues.drop(columns="row"))
     _issue_montage(run, issues, data)
     issue_tests = []
     for j, lbl in enumerate(labels):
@@ -219,7 +220,7 @@ def _slice_montage(run: Run, k: int, s: dsc.Slice, member, typical, data: SplitD
     if not rows:
         return
     cols = range(len(labels)) if s.j is None else [s.j]
-    titles = [f"{data.paths[i].rsplit('/', 1)[-1]}\n" + " ".join(
+    titles = [f"{str(data.df['image_path'].iloc[i]).rsplit('/', 1)[-1]}\n" + " ".join(
         f"{labels[c][:4]} y={_y(data.y[i, c])} p={probs[i, c]:.2f}" for c in cols) for i in rows]
     figures.montage_figure([data.store[i] for i in rows], titles, f"discovered slice {k} ({s.target}, "
                            f"n={row['n']})", run.outdir / f"slice_{k}.png")
@@ -230,10 +231,12 @@ def _y(value) -> str:
 
 
 def _issue_table(issues: pd.DataFrame, data: SplitData) -> pd.DataFrame:
-    """label_issues.csv: the rows as image paths, best candidates first (rank, then margin)."""
-    out = issues.assign(image_path=[data.paths[i] for i in issues["row"]]).drop(columns="row")
+    """label_issues.csv: the rows as the CSV names their images, best candidates first (rank, then
+    margin); ``row`` stays for the montage and is dropped when written."""
+    names = data.df["image_path"].astype(str).to_numpy()
+    out = issues.assign(image_path=names[issues["row"].to_numpy(int)])
     out = out.sort_values(["rank", "margin"], ascending=[True, False], kind="mergesort")
-    return out[["image_path", "label", "given", "prob", "margin", "rank"]].reset_index(drop=True)
+    return out[["image_path", "label", "given", "prob", "margin", "rank", "row"]].reset_index(drop=True)
 
 
 def _issue_montage(run: Run, issues: pd.DataFrame, data: SplitData) -> None:
@@ -241,9 +244,8 @@ def _issue_montage(run: Run, issues: pd.DataFrame, data: SplitData) -> None:
     top = issues.head(ISSUE_FILMS)
     if not len(top):
         return
-    index = {p: i for i, p in enumerate(data.paths)}
     titles = [f"{r.image_path.rsplit('/', 1)[-1]}\n{r.label}: given {r.given}, p={r.prob:.2f}" for r in top.itertuples()]
-    figures.montage_figure([data.store[index[p]] for p in top["image_path"]], titles,
+    figures.montage_figure([data.store[int(i)] for i in top["row"]], titles,
                            "label-issue candidates", run.outdir / "label_issues.png")
 
 
@@ -273,7 +275,7 @@ def _train_audit(run: Run, passes: Passes, reducer: dsc.Reducer, labels, folds: 
             fit = LogisticRegression(C=0.05, max_iter=2000).fit(x[known[train]], t)
             oof[known[test], j] = fit.predict_proba(x[known[test]])[:, 1]
     issues = _issue_table(dsc.label_issues(data.y, oof, labels), data)
-    write_csv(run.outdir / f"label_issues_{data.name}.csv", issues)
+    write_csv(run.outdir / f"label_issues_{data.name}.csv", issues.drop(columns="row"))
     tests = [{"kind": "label_issue", "label": lbl, "split": data.name,
               **dsc.label_issue_test(data.y[:, j], oof[:, j], oof[:, j])} for j, lbl in enumerate(labels)]
     return {"tests": [t for t in tests if t["p_value"] is not None],
