@@ -170,7 +170,7 @@ def test_valtool_on_predictions_marks_what_needs_the_model(vendor, tmp_path):
     assert _run(vendor, "valtool", out, "--predictions", vendor["dir"] / "a.csv", "--bootstrap", 50,
                 "--compare-with", vendor["dir"] / "b.csv") == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["not_run"]) == {"stress", "mc_dropout", "tta", "case_studies"}
+    assert set(summary["not_run"]) == {"stress", "mc_dropout", "tta", "case_studies", "discover"}
     assert all(why.startswith("needs the model: not run") for why in summary["not_run"].values())
     evaluated = json.loads((out / "eval" / "metrics_test.json").read_text())
     assert summary["headline"]["macro"]["auroc"] == evaluated["macro"]["auroc"]
