@@ -33,7 +33,7 @@ import pandas as pd
 from scipy.special import logsumexp
 from scipy.stats import chi2_contingency, fisher_exact, mannwhitneyu, norm
 
-from tools.metrics import binary_metrics_weighted, bootstrap_weights, percentile_ci
+from tools.metrics import binary_metrics, binary_metrics_weighted, bootstrap_weights, percentile_ci
 from tools.slicing import defined_by_labels, group_values
 from tools.stats import bootstrap_p, hull, score_interval, wilson
 
@@ -161,13 +161,8 @@ def auroc_gap(y, p, member: np.ndarray, j: int | None) -> float:
     either side lacks a class."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     cols = range(y.shape[1]) if j is None else [j]
-    gaps = []
-    for c in cols:
-        known = ~np.isnan(y[:, c])
-        sides = []
-        for side in (member & known, ~member & known):
-            sides.append(binary_metrics_weighted(y[side, c], p[side, c], np.ones(int(side.sum())))["auroc"])
-        gaps.append(sides[0] - sides[1])
+    gaps = [binary_metrics(y[member, c], p[member, c])["auroc"] - binary_metrics(y[~member, c], p[~member, c])["auroc"]
+            for c in cols]
     gaps = np.asarray(gaps, float)
     return float(np.nanmean(gaps)) if np.isfinite(gaps).any() else float("nan")
 

@@ -111,7 +111,7 @@ def failure_list(tests: list[dict], alpha: float = ALPHA) -> dict:
 
 def describe(test: dict) -> str:
     """One line for a console, the report and ``flagged_problems``."""
-    stat = f"p = {_p(test['p_value'])}, q = {_p(test.get('q_value'))}"
+    stat = f"p = {p_text(test['p_value'])}, q = {p_text(test.get('q_value'))}"
     if test["kind"] == "slice":
         small = ", small group" if test.get("small") else ""
         return (f"{test['group_col']}={test['group']}: {test['label']} {test['metric']} {test['gap']:+.3f} vs the "
@@ -135,7 +135,8 @@ def describe(test: dict) -> str:
     return f"ECE {test['value']:.3f}{shown}, above the tolerance {ECE_TOLERANCE} ({stat})"
 
 
-def _p(value) -> str:
+def p_text(value) -> str:
+    """A p- or q-value in a sentence: three decimals, "<0.001" below that, "n/a" when absent."""
     return "n/a" if value is None else ("<0.001" if value < 0.001 else f"{value:.3f}")
 
 

@@ -16,10 +16,10 @@ import pandas as pd
 from tools import discover as dsc
 from tools import distributed, figures
 from tools.audit import Subject
-from tools.calibration import apply_temperature, fit_temperature
+from tools.calibration import apply_temperature, fit_temperature, none_if_nan
 from tools.errors import UserError
 from tools.files import write_csv, write_json
-from tools.findings import ALPHA
+from tools.findings import ALPHA, p_text
 from tools.image_stats import PROPERTIES, image_properties
 from tools.metrics import sigmoid
 from tools.runtime import Run
@@ -163,7 +163,7 @@ def _slice_row(k: int, s: dsc.Slice, member, data: SplitData, probs, labels, col
         value = value["auroc"] if s.j is None else value[s.target]["auroc"]
         enough = _enough(data.y, member, s.j)
         ci = (gap.get("ci95") or {}).get("auroc")
-        row.update({"value": _num(value), "gap": _num(gap["auroc"]), "ci_low": ci[0] if ci else None,
+        row.update({"value": none_if_nan(value), "gap": none_if_nan(gap["auroc"]), "ci_low": ci[0] if ci else None,
                     "ci_high": ci[1] if ci else None,
                     "p_value": (gap.get("p_value") or {}).get("auroc") if enough else None})
         if row["p_value"] is not None and row["gap"] is not None:
@@ -189,10 +189,6 @@ def _enough(y, member, j) -> bool:
     return False
 
 
-def _num(x):
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
 def _describe(row: dict, described: dict | None, props: list) -> str:
     """One line: size, the gap, the most over-represented metadata value, the two image
     properties that differ most."""
@@ -203,15 +199,11 @@ def _describe(row: dict, described: dict | None, props: list) -> str:
         parts.append(f"{metric} {row['value']:.3f}, {row['gap']:+.3f}{ci} vs the rest")
     if described:
         parts.append(f"{described['top_column']}={described['top_value']} {described['top_share']:.0%} "
-                     f"(overall {described['overall_share']:.0%}, Fisher p {_p(described['top_p'])})")
+                     f"(overall {described['overall_share']:.0%}, Fisher p {p_text(described['top_p'])})")
     for prop in props[:2]:
         parts.append(f"{prop['property']} {prop['slice_mean']:.4g} vs {prop['rest_mean']:.4g} "
-                     f"(d {prop['std_difference']:+.1f}, p {_p(prop['p_value'])})")
+                     f"(d {prop['std_difference']:+.1f}, p {p_text(prop['p_value'])})")
     return "; ".join(parts)
-
-
-def _p(value) -> str:
-    return "<0.001" if value < 0.001 else f"{value:.3f}"
 
 
 def _slice_montage(run: Run, k: int, s: dsc.Slice, member, typical, data: SplitData, probs, labels, row) -> None:
@@ -287,6 +279,6 @@ def _console_lines(rows, probes, issue_tests) -> list[str]:
     lines += [f"shortcut risk: {r['column']}: probe AUROC {r['probe_auroc']:.3f}; {r['detail']}" for r in probes
               if r["risk"]]
     lines += [f"label issues {t['label']} ({t['split']}): {t['count']} of {t['n']} contradicted with confidence, "
-              f"{t['expected']:.1f} expected by chance (p {_p(t['p_value'])})" for t in issue_tests
+              f"{t['expected']:.1f} expected by chance (p {p_text(t['p_value'])})" for t in issue_tests
               if t["p_value"] is not None and t["p_value"] < ALPHA]
     return lines
