@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from tools.cli import (Formatter, common_parser, discovery_flags, guarded, model_options, prediction_flags, run_options,
-                       slicing_flags, uncertainty_flags)
+                       slicing_flags, table_options, uncertainty_flags)
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 
@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     vt.add_argument("--compare-with", default=None, metavar="A",
                     help="a reference model (file or predictions CSV): the report compares the audited model with it")
+    vt.add_argument("--internal", default=None, metavar="METRICS_JSON",
+                    help="the model's metrics on its own test split (metrics_test.json written by eval): the report "
+                         "compares them with this data's, label by label (internal vs external)")
     discovery_flags(vt, optional=True)
 
     dis = sub.add_parser("discover", parents=[common], formatter_class=Formatter,
@@ -108,6 +111,13 @@ def start(args):
     return start_run(**run_options(args, args.command))
 
 
+def read_rules(args):
+    """How the input table is read (``tools.table.ReadRules``): --uncertain and --views."""
+    from tools.table import ReadRules
+
+    return ReadRules(**table_options(args))
+
+
 def subject_of(run, args):
     """What the command audits (``tools.audit.Subject``): ``--weights`` or ``--predictions``."""
     from tools.audit import open_subject
@@ -115,7 +125,7 @@ def subject_of(run, args):
 
     return open_subject(run, ModelRequest(**model_options(args)), getattr(args, "predictions", None),
                         getattr(args, "pred_format", None), args.csv,
-                        args.img_root, args.labels, getattr(args, "group_col", ()), args.compile)
+                        args.img_root, args.labels, getattr(args, "group_col", ()), args.compile, read_rules(args))
 
 
 # ====== train ======
@@ -130,7 +140,7 @@ def cmd_train(args) -> None:
     run = start(args)
     recipe = Recipe(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, dropout=args.dropout,
                     pretrained=args.pretrained, batch_size=args.batch_size or Recipe.batch_size)
-    train(run, read_source(args.csv, args.img_root, labels), labels, image_size, recipe,
+    train(run, read_source(args.csv, args.img_root, labels, rules=read_rules(args)), labels, image_size, recipe,
           fractions=args.auto_split, resume=args.resume)
 
 
@@ -195,7 +205,7 @@ def cmd_selective(args) -> None:
                                  if args.weights else None)
         if not labels:
             raise UserError("--calibrated needs --labels (or --weights to read them from the model file)")
-        data, probs, signals = from_calibrated_csv(args.calibrated, labels, wanted)
+        data, probs, signals = from_calibrated_csv(args.calibrated, labels, wanted, read_rules(args))
     else:
         subject = subject_of(run, args)
         labels, wanted = subject.labels, available_signals(subject, wanted)
@@ -223,7 +233,7 @@ def cmd_valtool(args) -> None:
                           case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,
                           compare_with=args.compare_with, discover=not args.no_discover,
                           discover_split=args.discover_split, label_audit_folds=args.label_audit_folds,
-                          audit_split=args.audit_split)
+                          audit_split=args.audit_split, internal=args.internal, rules=read_rules(args))
     run_valtool(run, opts, compile=args.compile)
 
 
@@ -254,9 +264,10 @@ def cmd_compare(args) -> None:
 
     run = start(args)
     request = ModelRequest(**model_options(args))
-    a = open_side(run, args.a, request, args.pred_format, args.csv, args.img_root, args.labels, args.group_col)
+    a = open_side(run, args.a, request, args.pred_format, args.csv, args.img_root, args.labels, args.group_col,
+                  read_rules(args))
     b = open_side(run, args.b, request, args.pred_format, args.csv, args.img_root, args.labels or a.labels,
-                  args.group_col)
+                  args.group_col, read_rules(args))
     run.config(a=a.describe(), b=b.describe())
     data = table_split(b.source, args.split, b.labels)
     write_compare(run, data, side_logits(run, a, data), side_logits(run, b, data), b.labels, a.describe(),

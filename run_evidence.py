@@ -27,7 +27,7 @@ import argparse
 import logging
 import sys
 
-from tools.cli import common_parser, guarded, model_options, run_options
+from tools.cli import common_parser, guarded, model_options, run_options, table_options
 from tools.errors import UserError
 
 PROG = "run_evidence.py"
@@ -62,7 +62,7 @@ def run_evidence(args) -> dict:
     from tools.runtime import start_run
     from tools.splits import load_split, read_source
     from tools.stages.evidence import check_results_dirs, index_md, write_data_evidence, write_model_evidence
-    from tools.table import DEFAULT_LABELS, header, select_split
+    from tools.table import DEFAULT_LABELS, ReadRules, header, select_split
     from tools.files import write_text
 
     # ====== run set-up: every user mistake found before any decoding ======
@@ -75,7 +75,7 @@ def run_evidence(args) -> dict:
         model, info = load_audited_model(run, ModelRequest(**model_options(args)), args.labels, header(args.csv),
                                          args.compile)
         labels, image_size = info.labels, info.image_size
-    source = read_source(args.csv, args.img_root, labels, args.group_col)
+    source = read_source(args.csv, args.img_root, labels, args.group_col, ReadRules(**table_options(args)))
     table, group_cols = source.table, args.group_col
     if group_cols is None:
         group_cols = [c for c in DEFAULT_GROUP_COLS if c in table.columns]

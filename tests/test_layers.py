@@ -26,6 +26,7 @@ LAYERS = [
     ["tools.html_report"],                                              # report.html
     ["tools.valtool"],                                                  # the whole suite
     ["tools.make_demo_data", "tools.bench", "tools.export_model"],                            # stand-alone programs
+    ["tools.cxr14", "tools.datasets"],                                  # other collections to the input CSV
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -18,7 +18,7 @@ from tools.model_files import ModelInfo, ModelRequest, load_audited_model
 from tools.predictions import predicted_labels, read_logits, split_logits, unmatched
 from tools.runtime import Run
 from tools.splits import Source, SplitData, load_split, read_source, table_split
-from tools.table import header, pick_labels
+from tools.table import ReadRules, header, pick_labels
 
 log = logging.getLogger("cxr")
 
@@ -69,10 +69,11 @@ class Subject:
 
 
 def open_subject(run: Run, request: ModelRequest, predictions, pred_format, csv, img_root, labels,
-                 group_cols=(), compile: bool = False) -> Subject:
+                 group_cols=(), compile: bool = False, rules: ReadRules = ReadRules()) -> Subject:
     """The subject of a command: ``request.weights`` when given (``predictions`` then stand in for
-    its clean passes where they hold the rows), else ``predictions`` alone. Every mismatch of
-    labels, columns and rows is found here, before any image is read."""
+    its clean passes where they hold the rows), else ``predictions`` alone; the input table read
+    under ``rules``. Every mismatch of labels, columns and rows is found here, before any image
+    is read."""
     if not csv:
         raise UserError(f"--csv is required for {run.command}: the input table with image_path and label columns")
     columns = header(csv)
@@ -85,12 +86,13 @@ def open_subject(run: Run, request: ModelRequest, predictions, pred_format, csv,
     else:
         raise UserError(f"{run.command} needs a model or its predictions: pass --weights (a model file) or "
                         "--predictions CSV")
-    source = read_source(csv, img_root, labels, group_cols)
+    source = read_source(csv, img_root, labels, group_cols, rules)
     preds = fmt = None
     if predictions:
         preds, fmt = read_logits(predictions, labels, pred_format)
         if model is None:
-            count, first = unmatched(preds.index, source.table["image_path"].astype(str))
+            rows = pd.concat([source.table["image_path"].astype(str), pd.Series(source.left_out, dtype=str)])
+            count, first = unmatched(preds.index, rows)
             if count:
                 raise UserError(f"--predictions: {count} of {len(preds)} predicted images are not rows of --csv {csv} "
                                 f"(first: {', '.join(first)}); its {len(source.table)} rows must list every image")

@@ -1,12 +1,13 @@
 """Check an input CSV and its images before training: ``python -m tools.check_data --csv CSV
 --img-root DIR [--labels L1 L2 ...] [--out report.json]``.
 
-Problems (exit 1): label values other than 0/1/empty, empty or duplicated image paths, missing
+Problems (exit 1): label values other than 0/1/-1/empty, empty or duplicated image paths, missing
 images, images that cannot be decoded, patients whose rows fall in more than one split.
 Warnings (exit 0): a label with one class only (or no known value) in a split, rows without a
 split or with a split name other than train/val/test.
 Reported either way: prevalence per split and label, image height/width range, bit depth and
-channel counts. Usage errors (no CSV, no such image folder, a label without a column) exit 2.
+channel counts, and (``notes``) how many -1 label values ``--uncertain`` read and how many lateral
+films ``--views frontal`` left out. Usage errors (no CSV, no such image folder, a label without a column) exit 2.
 
 Every image is decoded once with :func:`tools.dataset.read_raw`, the decoder the suite trains with,
 so an image that passes here also loads in ``train``/``eval``. Decoding dominates the run time;
@@ -25,6 +26,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from tools.cli import table_flags, table_options
 from tools.dataset import read_raw
 from tools.errors import UserError
 from tools.files import write_json
@@ -35,7 +37,9 @@ from tools.table import (
     NO_SPLIT,
     check_image_paths,
     check_images_exist,
+    ReadRules,
     check_label_columns,
+    lateral_rows,
     parse_label_column,
     patients_in_several_splits,
     prevalence,
@@ -43,6 +47,8 @@ from tools.table import (
     resolve_paths,
     split_column,
     split_order,
+    uncertain_note,
+    uncertain_values,
 )
 
 PROG = "check_data"
@@ -55,15 +61,16 @@ _OK, _MISSING, _UNDECODABLE = 0, 1, 2
 
 # ====== the table ======
 
-def parse_labels(df: pd.DataFrame, csv, labels) -> tuple[dict[str, pd.Series], list[str]]:
-    """Each label column parsed by :func:`tools.table.parse_label_column`.
+def parse_labels(df: pd.DataFrame, csv, labels, uncertain: str = "ignore") -> tuple[dict[str, pd.Series], list[str]]:
+    """Each label column parsed by :func:`tools.table.parse_label_column` (-1 read as
+    ``uncertain`` says).
 
     Returns ({label: float column} for the labels that parse, [one problem per label that does
     not]); a bad column does not stop the others from being checked."""
     parsed, problems = {}, []
     for label in labels:
         try:
-            parsed[label] = parse_label_column(df[label], csv, label)
+            parsed[label] = parse_label_column(df[label], csv, label, uncertain)
         except UserError as exc:
             problems.append(str(exc))
     return parsed, problems
@@ -191,21 +198,32 @@ def patient_problem(shared: dict[str, list[str]]) -> str:
 # ====== the whole check ======
 
 def check_data(csv, img_root, labels, num_workers: int | None = None, progress: bool = True,
-               images: bool = True, files: bool = True) -> dict:
+               images: bool = True, files: bool = True, rules: ReadRules = ReadRules()) -> dict:
     """Run every check; return the report (``problems`` empty when the data are clean).
 
     Raises UserError for usage errors: no readable CSV, no ``image_path`` column, a label
     without a column, an image folder that does not exist. ``images=False`` skips decoding every
     file (valtool has already decoded its split once and knows which failed); ``files=False`` does
-    not look for the files at all (an audit of predictions alone reads no image)."""
+    not look for the files at all (an audit of predictions alone reads no image). ``rules``: -1
+    values read as --uncertain says and, with --views frontal, lateral films left out of every
+    check; ``notes`` counts both."""
     start = time.perf_counter()
     labels = list(labels)
     df = read_csv_file(csv)
-    check_label_columns(df, csv, labels)
+    df = check_label_columns(df, csv, labels)
     if not Path(img_root).is_dir():
         raise UserError(f"--img-root {img_root}: no such folder; pass the folder image_path is relative to")
+    notes = []
+    lateral = lateral_rows(df) if rules.views == "frontal" else np.zeros(len(df), bool)
+    if lateral.any():
+        notes.append(f"{int(lateral.sum())} lateral film(s) (view LL) of {len(df)} rows left out "
+                     "(--views frontal; --views all keeps them)")
+        df = df[~lateral]
+    uncertain = sum(int(uncertain_values(df[label]).sum()) for label in labels)
+    if uncertain:
+        notes.append(uncertain_note(uncertain, rules.uncertain))
 
-    parsed, problems = parse_labels(df, csv, labels)
+    parsed, problems = parse_labels(df, csv, labels, rules.uncertain)
     try:
         check_image_paths(df, csv)
     except UserError as exc:
@@ -244,6 +262,7 @@ def check_data(csv, img_root, labels, num_workers: int | None = None, progress: 
         "prevalence": records,
         "images": images,
         "patients_in_several_splits": shared,
+        "notes": notes,
         "warnings": warnings,
         "problems": problems,
         "ok": not problems,
@@ -294,6 +313,7 @@ def format_report(report: dict) -> str:
         lines.append("splits: no split column (every command uses all rows)")
     if report["n_patients"] is not None:
         lines.append(f"patients: {report['n_patients']}")
+    lines += [f"read: {note}" for note in report.get("notes", [])]
     if report["prevalence"]:
         lines += ["", "prevalence", prevalence_table(report["prevalence"])]
     images = report["images"]
@@ -323,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--csv", required=True, help="input CSV (image_path, label columns, optional split, patient_id)")
     data.add_argument("--img-root", default=".", help="folder that relative image paths start from")
     data.add_argument("--labels", nargs="+", default=list(DEFAULT_LABELS), help="label columns to check")
+    table_flags(data)
     run = parser.add_argument_group("run")
     run.add_argument("--num-workers", type=int, default=0,
                      help="threads decoding images (0 = one per CPU core)")
@@ -345,7 +366,8 @@ def main(argv=None) -> int:
             raise UserError(f"--num-workers {args.num_workers}: must be 0 (one per core) or more")
         if args.out is not None and not Path(args.out).resolve().parent.is_dir():
             raise UserError(f"--out {args.out}: folder {Path(args.out).parent} does not exist; create it first")
-        report = check_data(args.csv, args.img_root, args.labels, args.num_workers, not args.no_progress)
+        report = check_data(args.csv, args.img_root, args.labels, args.num_workers, not args.no_progress,
+                            rules=ReadRules(**table_options(args)))
     except UserError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--labels", nargs="+", default=None,
                       help="label columns (default: the checkpoint's with --weights, else Cardiomegaly Edema Effusion)")
     data.add_argument("--split", default="test", help="which split's rows to use")
+    table_flags(data)
     data.add_argument("--skip-bad-images", action="store_true",
                       help="drop rows whose image cannot be decoded (with a warning and a count in config.json)")
     data.add_argument("--cache-dir", default=None,
@@ -72,6 +73,21 @@ def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=1337, help="seeds training, bootstrap, corruptions, MC and TTA draws")
     run.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parent
+
+
+def table_flags(group) -> None:
+    """--uncertain and --views: how an input table's labels and films are read (README "Other
+    collections")."""
+    group.add_argument("--uncertain", choices=["ignore", "zeros", "ones"], default="ignore",
+                       help="what a -1 (uncertain) label value becomes: unknown and masked, 0 or 1 (Irvin et al. "
+                            "2019: U-Ignore, U-Zeros, U-Ones)")
+    group.add_argument("--views", choices=["frontal", "all"], default="frontal",
+                       help="frontal: leave out lateral films (view LL) where the table has a view column; all: keep them")
+
+
+def table_options(args) -> dict:
+    """``tools.table.ReadRules``' fields from --uncertain and --views."""
+    return {"uncertain": args.uncertain, "views": args.views}
 
 
 def slicing_flags(parser) -> None:

@@ -12,6 +12,12 @@ It is continuous, unlike a count of resamples beyond the null, whose floor 1 / (
 every row of a large table above the corrected level. Many rows are tested at once, so
 ``p_holm`` holds Holm's step-down adjustment over the whole table (Holm 1979), which controls
 the family-wise error.
+
+One model on two data sets (:func:`internal_vs_external`, valtool ``--internal``): its metrics on
+its own test split (internal) and on new data (external) come from independent samples, so the
+interval of the difference external - internal combines the two sides' 95% intervals by MOVER
+(``tools.stats.mover``; Newcombe 1998, Zou and Donner 2008). A side without an interval (eval run
+with ``--bootstrap 0``) gets the score interval for AUROC and sensitivity, none for the others.
 """
 from __future__ import annotations
 
@@ -20,10 +26,13 @@ import pandas as pd
 
 from tools.metrics import METRICS, bootstrap_weights, percentile_ci, scores
 from tools.slicing import group_values
-from tools.stats import bootstrap_p
+from tools.stats import bootstrap_p, mover, score_interval
+from tools.table import find_name
 
 COLUMNS = ["scope", "group_col", "group", "label", "metric", "a", "b", "diff",
            "ci_low", "ci_high", "p_value", "p_holm"]
+KEEP_MARGIN = 0.05  # external - internal: a drop of the verdict metric within this is "kept"
+VERDICT_METRIC = "auroc"
 
 
 # ====== multiple testing ======
@@ -137,3 +146,87 @@ def decision_changes(y, prob_a, prob_b, labels, threshold: float = 0.5) -> dict:
     return {"pairs": pairs, "changed": int(changed.sum()), "fixed": int(fixed.sum()),
             "broken": int(broken.sum()), "changed_share": float(changed.sum() / pairs) if pairs else float("nan"),
             "per_label": per_label}
+
+
+# ====== one model, two data sets ======
+
+def _side(block: dict, metric: str) -> tuple[float, float, float]:
+    """(value, low, high) of one label's ``metric`` in a metrics-schema block; NaN where absent."""
+    value = block.get(metric)
+    value = np.nan if value is None else float(value)
+    ci = (block.get("ci95") or {}).get(metric)
+    if ci is not None and None not in ci:
+        return value, float(ci[0]), float(ci[1])
+    n, n_pos = block.get("n"), block.get("n_pos")
+    if n is None or n_pos is None:
+        return value, np.nan, np.nan
+    low, high = score_interval(metric, value, n_pos, n - n_pos)
+    return value, float(low), float(high)
+
+
+def _verdict(low: float, high: float, margin: float) -> str | None:
+    """kept: the interval of external - internal excludes a drop larger than ``margin``; dropped:
+    it lies below 0 and does not; unclear: it holds 0 and a drop larger than ``margin``."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return None
+    if low >= -margin:
+        return "kept"
+    return "dropped" if high < 0 else "unclear"
+
+
+def _none(value: float):
+    return float(value) if np.isfinite(value) else None
+
+
+def _pair(low: float, high: float) -> list | None:
+    return [float(low), float(high)] if np.isfinite(low) and np.isfinite(high) else None
+
+
+def internal_vs_external(external: dict, internal: dict, labels, margin: float = KEEP_MARGIN) -> dict:
+    """Per label of ``labels``: each metric on the external data (``external``, metrics schema)
+    and on the model's own test split (``internal``, metrics schema; a label is found there under
+    any collection's name), the difference external - internal with its MOVER interval, and a
+    verdict on the AUROC difference (:func:`_verdict`). Labels the internal metrics lack are
+    listed in ``not_compared``. JSON-ready: undefined numbers are None."""
+    per_class, not_compared = {}, {}
+    inside = internal.get("per_class") or {}
+    for label in labels:
+        name = find_name(label, inside)
+        if name is None:
+            not_compared[label] = f"not among the internal metrics' labels ({' '.join(inside) or 'none'})"
+            continue
+        ext, ins = external["per_class"][label], inside[name]
+        row = {"internal_label": name, "n_external": ext.get("n"), "n_pos_external": ext.get("n_pos"),
+               "n_internal": ins.get("n"), "n_pos_internal": ins.get("n_pos")}
+        for metric in METRICS:
+            e, e_lo, e_hi = _side(ext, metric)
+            i, i_lo, i_hi = _side(ins, metric)
+            d = e - i
+            lo, hi = mover(d, e_lo, e_hi, e, i_lo, i_hi, i)
+            row[metric] = {"external": _none(e), "external_ci95": _pair(e_lo, e_hi), "internal": _none(i),
+                           "internal_ci95": _pair(i_lo, i_hi), "difference": _none(d),
+                           "difference_ci95": _pair(lo, hi)}
+        verdict_ci = row[VERDICT_METRIC]["difference_ci95"] or [np.nan, np.nan]
+        row["verdict"] = _verdict(verdict_ci[0], verdict_ci[1], margin)
+        per_class[label] = row
+    kinds = {kind: [lbl for lbl, r in per_class.items() if r["verdict"] == kind] for kind in ("kept", "dropped", "unclear")}
+    return {"metric": VERDICT_METRIC, "margin": margin,
+            "internal_split": internal.get("split"), "internal_n": internal.get("n"),
+            "external_split": external.get("split"), "external_n": external.get("n"),
+            "per_class": per_class, **kinds, "not_compared": not_compared}
+
+
+def internal_external_rows(result: dict) -> pd.DataFrame:
+    """:func:`internal_vs_external`'s result as one row per (label, metric)."""
+    rows = []
+    for label, row in result["per_class"].items():
+        for metric in METRICS:
+            m = row[metric]
+            lo, hi = m["difference_ci95"] or (None, None)
+            rows.append({"label": label, "internal_label": row["internal_label"], "metric": metric,
+                         "external": m["external"], "internal": m["internal"], "difference": m["difference"],
+                         "ci_low": lo, "ci_high": hi,
+                         "verdict": row["verdict"] if metric == result["metric"] else None,
+                         "n_external": row["n_external"], "n_internal": row["n_internal"]})
+    return pd.DataFrame(rows, columns=["label", "internal_label", "metric", "external", "internal", "difference",
+                                       "ci_low", "ci_high", "verdict", "n_external", "n_internal"])

@@ -311,6 +311,39 @@ def headline_section(summary: dict) -> Html:
     return section("Headline metrics", [note(text), Html(table(header, rows, classes))], "headline")
 
 
+def internal_section(summary: dict) -> Html:
+    """Internal vs external (valtool --internal): per label, the metric on this data, on the
+    model's own test split, the difference with its interval, and whether the label keeps it."""
+    result = summary.get("internal_vs_external")
+    if not isinstance(result, dict):
+        return Html("")
+    if result.get("not_run"):
+        return section("Internal vs external", [note(f"Not compared: {result['not_run']}.")], "internal")
+    metric = result.get("metric", "auroc")
+    name = METRIC_NAMES.get(metric, metric)
+    rows, classes = [], []
+    for label, row in (result.get("per_class") or {}).items():
+        m = row.get(metric) or {}
+        shown = label if row.get("internal_label") in (None, label) else f"{label} (internal: {row['internal_label']})"
+        rows.append([shown, f"{fmt(row.get('n_external'))} / {fmt(row.get('n_internal'))}",
+                     fmt_ci(m.get("external"), m.get("external_ci95")), fmt_ci(m.get("internal"), m.get("internal_ci95")),
+                     f"{fmt(m.get('difference'), signed=True)} {fmt_interval(m.get('difference_ci95'), signed=True)}",
+                     row.get("verdict") or "n/a"])
+        classes.append("warn" if row.get("verdict") == "dropped" else "")
+    header = ["label", "n external / internal", f"external {name} [95% CI]", f"internal {name} [95% CI]",
+              "external - internal [95% CI]", "performance"]
+    text = (f"External: this data ({result.get('external_split')}, n={fmt(result.get('external_n'))}). Internal: "
+            f"{result.get('internal')} ({result.get('internal_split')}, n={fmt(result.get('internal_n'))}), the model's "
+            "own test split. The two samples are independent, so the interval of the difference combines the two "
+            f"intervals (MOVER). kept: the interval excludes a drop larger than {fmt(result.get('margin'), 2)}; "
+            "dropped: it lies below 0 and does not; unclear: too wide to tell. Every metric: "
+            "eval/internal_vs_external.csv.")
+    parts = [note(text), Html(table(header, rows, classes))]
+    for label, reason in (result.get("not_compared") or {}).items():
+        parts.append(note(f"{label}: {reason}", "warn"))
+    return section("Internal vs external", parts, "internal")
+
+
 def badge(kind) -> Html:
     """A coloured label for a failure kind; the class name keeps letters only."""
     safe = re.sub(r"[^a-z]", "", str(kind).lower())
@@ -805,8 +838,8 @@ def build_report(outdir, generated: str | None = None) -> str:
     if summary.get("mode") == "unlabelled":
         parts += [failures_section(summary), not_run_section(summary), unlabelled_section(outdir, summary)]
     else:
-        parts += [headline_section(summary), failures_section(summary), not_run_section(summary),
-                  compare_section(outdir, summary), discover_section(outdir), eval_section(outdir), stress_section(outdir, summary),
+        parts += [headline_section(summary), internal_section(summary), failures_section(summary),
+                  not_run_section(summary), compare_section(outdir, summary), discover_section(outdir), eval_section(outdir), stress_section(outdir, summary),
                   calibration_section(outdir, summary), selective_section(outdir, summary)]
     parts += [case_studies_section(outdir), data_checks_section(outdir), config_section(config)]
     title = f"cxr failure analysis: {summary.get('csv') or summary.get('image_dir') or outdir.name}"

@@ -6,7 +6,7 @@ rank 0 and shared with the other torchrun ranks.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,24 +17,28 @@ from tools.cache import build_store
 from tools.dataset import IMAGE_EXTENSIONS, CXRDataset
 from tools.errors import UserError
 from tools.runtime import Run
-from tools.table import check_group_columns, check_images_exist, label_matrix, read_table, resolve_paths, select_split
+from tools.table import (ReadRules, check_group_columns, check_images_exist, label_matrix, read_kept, resolve_paths,
+                         select_split)
 
 log = logging.getLogger("cxr")
 
 
 @dataclass
 class Source:
-    """An input table (validated) and the folder its relative image paths start from."""
+    """An input table (validated) and the folder its relative image paths start from;
+    ``left_out``: the image paths of rows --views left out of it."""
     csv: str | None
     img_root: str
     table: pd.DataFrame
+    left_out: list = field(default_factory=list)
 
 
-def read_source(csv, img_root, labels, group_cols=()) -> Source:
-    """The input CSV validated for ``labels`` (and for the ``group_cols`` it must have)."""
-    table = read_table(csv, labels)
+def read_source(csv, img_root, labels, group_cols=(), rules: ReadRules = ReadRules()) -> Source:
+    """The input CSV validated for ``labels`` (and for the ``group_cols`` it must have), read
+    under ``rules`` (--uncertain, --views)."""
+    table, left_out = read_kept(csv, labels, rules=rules)
     check_group_columns(table, group_cols, csv)
-    return Source(csv, img_root, table)
+    return Source(csv, img_root, table, left_out)
 
 
 @dataclass

@@ -4,9 +4,17 @@ patient-grouped split, and the default labels.
 Input CSV contract (SPEC "Input CSV"): ``image_path`` (relative to ``--img-root`` or absolute), one
 0/1 column per label (empty/NaN = unknown, masked from loss and metrics), optional ``split``
 (train/val/test), optional ``patient_id``; every other column is metadata.
+
+Other collections (README "Other collections"): a label value of -1 is "uncertain", as the CheXpert
+labeler writes it (Irvin et al. 2019); ``--uncertain`` reads it as unknown (U-Ignore, the
+default), 0 (U-Zeros) or 1 (U-Ones). With ``--views frontal`` (the default) rows whose ``view``
+is lateral (``LL``) are left out. A label may be named as any collection names it
+(:data:`SAME_FINDING`).
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +22,110 @@ import pandas as pd
 
 from tools.errors import UserError
 
+log = logging.getLogger("cxr")
+
 DEFAULT_LABELS = ["Cardiomegaly", "Edema", "Effusion"]
 KNOWN_SPLITS = ("train", "val", "calib", "test")
 NO_SPLIT = "(none)"
 
+# What an uncertain label (-1) becomes under each --uncertain policy (Irvin et al. 2019, section
+# "Uncertainty approaches": U-Ignore, U-Zeros, U-Ones).
+UNCERTAIN_AS = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}
+UNCERTAIN_TEXT = ("-1", "-1.0")
+# Lateral films: the project's view value for them is LL; MIMIC-CXR's ViewPosition says LATERAL.
+LATERAL_VIEWS = ("LL", "LATERAL")
+
+# One finding, two names. ChestX-ray14 (Wang et al. 2017) calls it by the key, CheXpert and
+# MIMIC-CXR-JPG, whose labels come from the same CheXpert labeler (Irvin et al. 2019; Johnson et al.
+# 2019), by the value. Only exact equivalents are listed: CheXpert's Enlarged Cardiomediastinum is
+# not Cardiomegaly, Lung Lesion is wider than Mass or Nodule, Lung Opacity wider than Infiltration.
+SAME_FINDING = {"Effusion": "Pleural Effusion"}
+
+
+@dataclass(frozen=True)
+class ReadRules:
+    """How an input table is read: what a -1 label value becomes (``--uncertain``: ignore, zeros,
+    ones) and which films are kept (``--views``: frontal leaves out lateral ones, all keeps them)."""
+    uncertain: str = "ignore"
+    views: str = "frontal"
+
+
+# ====== label names across collections ======
+
+def other_names(label) -> list[str]:
+    """The names other collections give the finding ``label`` (none when it has only one)."""
+    label = str(label)
+    return [b if a == label else a for a, b in SAME_FINDING.items() if label in (a, b)]
+
+
+def find_name(label, names) -> str | None:
+    """The entry of ``names`` that is the finding ``label``: ``label`` itself, else one of its
+    other names; None when ``names`` has neither."""
+    names = [str(n) for n in names]
+    if str(label) in names:
+        return str(label)
+    return next((n for n in other_names(label) if n in names), None)
+
 
 # ====== the table ======
 
-def read_table(csv, labels, require_labels: bool = True) -> pd.DataFrame:
-    """Read ``csv`` and validate it; return it with label columns as float (NaN = unknown).
+def read_table(csv, labels, require_labels: bool = True, rules: ReadRules = ReadRules()) -> pd.DataFrame:
+    """Read ``csv`` and validate it; return it with label columns as float (NaN = unknown), under
+    ``rules`` (:func:`read_kept`)."""
+    return read_kept(csv, labels, require_labels, rules)[0]
 
-    Raises UserError (one line naming file, column, row and value) for: a missing or empty file,
-    a missing ``image_path`` or label column, a label value other than 0/1/empty, duplicated
-    image paths. Rows are numbered as in a spreadsheet: the header is row 1.
+
+def read_kept(csv, labels, require_labels: bool = True, rules: ReadRules = ReadRules()) -> tuple[pd.DataFrame, list]:
+    """Read ``csv`` and validate it; return (the table with label columns as float, NaN =
+    unknown; the image paths of the rows ``rules.views`` left out). Under ``rules``: -1 values
+    read as ``rules.uncertain`` says, lateral films left out with ``rules.views`` frontal (each
+    said in one line when it happens).
+
+    A label named by another collection's name is read from that column, renamed to the name
+    asked for. Raises UserError (one line naming file, column, row and value) for: a missing or
+    empty file, a missing ``image_path`` or label column, a label value other than 0/1/-1/empty,
+    duplicated image paths, a table of lateral films only. Rows are numbered as in a spreadsheet:
+    the header is row 1.
     """
     df = read_csv_file(csv)
+    keep = ~lateral_rows(df) if rules.views == "frontal" else np.ones(len(df), bool)
+    left_out = df.loc[~keep, "image_path"].astype(str).tolist()
     if require_labels:
-        check_label_columns(df, csv, labels)
+        df = check_label_columns(df, csv, labels)
+        uncertain = 0
         for label in labels:
-            df[label] = parse_label_column(df[label], csv, label)
+            uncertain += int((uncertain_values(df[label]) & keep).sum())
+            df[label] = parse_label_column(df[label], csv, label, rules.uncertain)
+        if uncertain:
+            log.info("--csv %s: %s", csv, uncertain_note(uncertain, rules.uncertain))
     check_image_paths(df, csv)
-    return df
+    if not keep.all():
+        if not keep.any():
+            raise UserError(f"--csv {csv}: all {len(df)} rows are lateral films (view LL) and --views frontal leaves "
+                            "them out; pass --views all to analyse them")
+        log.info("--csv %s: %d lateral film(s) (view LL) of %d rows left out (--views frontal; --views all keeps them)",
+                 csv, int((~keep).sum()), len(df))
+        df = df[keep].reset_index(drop=True)
+    return df, left_out
+
+
+def lateral_rows(df: pd.DataFrame) -> np.ndarray:
+    """True for the rows whose ``view`` is lateral (LL, or LATERAL as MIMIC-CXR writes it); none
+    without a ``view`` column."""
+    if "view" not in df.columns:
+        return np.zeros(len(df), bool)
+    return df["view"].astype("string").str.strip().str.upper().isin(LATERAL_VIEWS).fillna(False).to_numpy(bool)
+
+
+def uncertain_values(column: pd.Series) -> np.ndarray:
+    """True where a label column holds -1 (uncertain)."""
+    return column.astype(str).str.strip().isin(UNCERTAIN_TEXT).to_numpy(bool)
+
+
+def uncertain_note(count: int, policy: str) -> str:
+    """The line saying what ``count`` uncertain (-1) values became under ``policy``."""
+    became = {"ignore": "unknown, masked from loss and metrics", "zeros": "0", "ones": "1"}[policy]
+    return f"{count} uncertain (-1) label value(s) read as {became} (--uncertain {policy}; choices: ignore, zeros, ones)"
 
 
 def read_csv_file(csv) -> pd.DataFrame:
@@ -68,19 +159,28 @@ def read_csv_at(path, flag: str, where: str, empty: str = "", image_path: bool =
 
 
 def pick_labels(available, requested, columns, lacking: str, holder: str, none_in_data: str) -> list:
-    """The analysed labels: ``requested`` (``--labels``; each must be ``available``, else the error
+    """The analysed labels: ``requested`` (``--labels``; each must be ``available``, under its own
+    name or another collection's, and comes back as ``available`` names it; else the error
     ``--labels <missing>: <lacking>; --labels says ..., <holder> <available>``), or else the
-    ``available`` ones that ``columns`` has (all of them when ``columns`` is None; none is the
-    error ``none_in_data``)."""
+    ``available`` ones that ``columns`` has under either name (all of them when ``columns`` is
+    None; none is the error ``none_in_data``)."""
     if requested:
-        missing = [label for label in requested if label not in available]
+        found = [find_name(label, available) for label in requested]
+        missing = [label for label, name in zip(requested, found) if name is None]
         if missing:
             raise UserError(f"--labels {' '.join(missing)}: {lacking}; --labels says {' '.join(requested)}, "
                             f"{holder} {' '.join(available) or 'none'}")
-        return list(requested)
+        twice = sorted({name for name in found if found.count(name) > 1})
+        if twice:
+            names = [label for label, name in zip(requested, found) if name == twice[0]]
+            raise UserError(f"--labels {' and '.join(names)}: one finding ({twice[0]}) named twice; give it once")
+        for label, name in zip(requested, found):
+            if name != label:
+                log.info("--labels %s is %s (the same finding in another collection)", label, name)
+        return found
     if columns is None:
         return list(available)
-    chosen = [label for label in available if label in set(columns)]
+    chosen = [label for label in available if find_name(label, columns) is not None]
     if not chosen:
         raise UserError(none_in_data)
     return chosen
@@ -94,44 +194,66 @@ def header(csv) -> list[str]:
         return []
 
 
-def check_label_columns(df: pd.DataFrame, csv, labels) -> None:
-    """Every label has a column; the error lists the columns there are."""
-    missing = [label for label in labels if label not in df.columns]
+def check_label_columns(df: pd.DataFrame, csv, labels) -> pd.DataFrame:
+    """``df`` with a column for every label: a column holding the finding under another
+    collection's name (:data:`SAME_FINDING`) is renamed to the label's name. A label without a
+    column is an error that lists the columns there are; two labels naming one finding are one too."""
+    found = {label: find_name(label, df.columns) for label in labels}
+    missing = [label for label, column in found.items() if column is None]
     if missing:
+        also = [f"{label} (or {' / '.join(other_names(label))})" for label in missing if other_names(label)]
         raise UserError(
-            f"--csv {csv}: label column(s) {', '.join(missing)} not found (check --labels); "
+            f"--csv {csv}: label column(s) {', '.join(missing)} not found (check --labels"
+            + (f"; also looked for {', '.join(also)}" if also else "") + f"); "
             f"columns are: {', '.join(map(str, df.columns))}"
         )
+    columns = list(found.values())
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        names = [label for label, column in found.items() if column == twice[0]]
+        raise UserError(f"--labels {' and '.join(names)}: one finding (column {twice[0]} of --csv {csv}) "
+                        "named twice; give it once")
+    renamed = {column: label for label, column in found.items() if column != label}
+    for column, label in renamed.items():
+        log.info("--csv %s: label %s read from column %r (the same finding in another collection)", csv, label, column)
+    return df.rename(columns=renamed) if renamed else df
 
 
 def check_image_paths(df: pd.DataFrame, csv) -> None:
-    """No empty ``image_path`` and no path listed twice."""
+    """No empty ``image_path`` and no path listed twice (rows numbered by the table's index: its
+    position in the file as read)."""
     blank = df["image_path"].isna() | (df["image_path"].astype(str).str.strip() == "")
     if blank.any():
-        row = int(np.flatnonzero(blank.to_numpy())[0]) + 2
+        row = int(df.index[np.flatnonzero(blank.to_numpy())[0]]) + 2
         raise UserError(f"--csv {csv}: column image_path, row {row}: empty path")
     dup = df["image_path"].duplicated(keep=False)
     if dup.any():
-        rows = np.flatnonzero(dup.to_numpy())[:2] + 2
-        value = df["image_path"].iloc[rows[0] - 2]
+        first = np.flatnonzero(dup.to_numpy())[:2]
+        rows = [int(df.index[i]) + 2 for i in first]
+        value = df["image_path"].iloc[first[0]]
         raise UserError(
             f"--csv {csv}: column image_path, rows {rows[0]} and {rows[1]}: duplicated path {value!r} "
             f"({int(dup.sum())} rows share a path); each image must appear once"
         )
 
 
-def parse_label_column(column: pd.Series, csv, label: str) -> pd.Series:
-    """0/1 (also '0.0'/'1.0', True/False) to float; empty/NaN to NaN; anything else is an error."""
+def parse_label_column(column: pd.Series, csv, label: str, uncertain: str = "ignore", flag: str = "--csv") -> pd.Series:
+    """0/1 (also '0.0'/'1.0', True/False) to float; empty/NaN to NaN; -1 (uncertain) to what
+    ``uncertain`` says (:data:`UNCERTAIN_AS`); anything else is an error naming ``flag`` and the
+    file ``csv``, the column and the row (the column's index is the row's position in the file)."""
     text = column.astype(str).str.strip().str.lower()
     mapping = {"0": 0.0, "1": 1.0, "0.0": 0.0, "1.0": 1.0, "false": 0.0, "true": 1.0,
                "nan": np.nan, "": np.nan, "none": np.nan}
+    mapping.update({value: UNCERTAIN_AS[uncertain] for value in UNCERTAIN_TEXT})
     parsed = text.map(mapping)
     bad = ~text.isin(mapping.keys())
     if bad.any():
         pos = int(np.flatnonzero(bad.to_numpy())[0])
+        where = f"{flag} {csv}" if flag else str(csv)
         raise UserError(
-            f"--csv {csv}: column {label}, row {pos + 2}: value {str(column.iloc[pos])!r} is not 0, 1 or empty "
-            f"({int(bad.sum())} such rows); use 1 = present, 0 = absent, empty = unknown"
+            f"{where}: column {label}, row {int(column.index[pos]) + 2}: value {str(column.iloc[pos])!r} is not 0, 1 "
+            f"or empty ({int(bad.sum())} such rows); use 1 = present, 0 = absent, empty = unknown (-1 = uncertain, "
+            "read as --uncertain says)"
         )
     return parsed.astype(float)
 

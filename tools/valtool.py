@@ -2,20 +2,24 @@
 
 Labelled CSV: one clean pass over the split (logits and backbone features) feeds eval with
 slicing, calibration, MC-Dropout and selective prediction; only the 12 corrupted passes and the
-TTA draws run the model again. Unlabelled folder: predictions with MC-Dropout/TTA spread per
+TTA draws run the model again. With ``--internal``, the model's metrics on its own test split are
+set against this data's, label by label (external validation). Unlabelled folder: predictions with MC-Dropout/TTA spread per
 image, image quality checks, and the stress pass as prediction shifts. Each stage writes into
 its own subfolder; ``summary.json`` and ``report.html`` sit on top.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tools import distributed, figures
 from tools.audit import Subject, open_subject
+from tools.compare import internal_external_rows, internal_vs_external
 from tools.corruptions import SEVERITIES
 from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_json
@@ -36,6 +40,7 @@ from tools.stages.calibrate import calibration_split, samplers, spread, temperat
 from tools.stages.evaluate import write_evaluation
 from tools.stages.discover import discovery_passes, write_discovery
 from tools.stages.selective import confidence_signals, write_selective
+from tools.table import ReadRules
 from tools.uncertainty import public
 
 log = logging.getLogger("cxr")
@@ -67,6 +72,8 @@ class ValtoolOptions:
     discover_split: str = "val"
     label_audit_folds: int = 0
     audit_split: str = "train"
+    internal: str | None = None   # the model's metrics JSON on its own test split (internal vs external)
+    rules: ReadRules = field(default_factory=ReadRules)  # --uncertain, --views
 
 
 def _flag(test: dict) -> dict:
@@ -84,6 +91,7 @@ def _fact(kind, message, size=None) -> dict:
 
 def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     labels, model, table = subject.labels, subject.model, subject.source.table
+    internal = read_internal(opts.internal) if opts.internal else None
     data = subject.split(run, opts.split)
     mc_samples, tta_samples, not_run = samplers(subject, opts.mc_samples, opts.tta_samples)
     discovering = _discovery_possible(opts, subject, table, not_run)
@@ -134,7 +142,39 @@ def run_labelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     summary["not_run"] = not_run
     if compared is not None:
         summary["compare"] = compared
+    if internal is not None:
+        summary["internal_vs_external"] = _internal_vs_external(run, opts, internal, ev["metrics"], labels)
     return summary
+
+
+def read_internal(path) -> dict:
+    """``--internal``: a metrics JSON (metrics schema) read and checked, before any model pass."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--internal {path}: file not found; pass the metrics_test.json that eval wrote on the "
+                        "model's own test split")
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--internal {path}: not valid JSON ({exc})") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("per_class"), dict):
+        raise UserError(f"--internal {path}: no per_class block; pass a metrics_<split>.json written by eval")
+    return metrics
+
+
+def _internal_vs_external(run: Run, opts: ValtoolOptions, internal: dict, external: dict | None, labels) -> dict:
+    """The internal-vs-external comparison: ``eval/internal_vs_external.csv`` and the block of
+    summary.json (with the --internal file's path)."""
+    if external is None:
+        return {"internal": str(opts.internal), "not_run": "no external metrics: no label had both classes"}
+    result = {"internal": str(opts.internal), **internal_vs_external(external, internal, labels)}
+    write_csv(run.stage("eval").outdir / "internal_vs_external.csv", internal_external_rows(result))
+    for label, reason in result["not_compared"].items():
+        log.warning("--internal: %s %s", label, reason)
+    log.info("internal vs external (AUROC, margin %.2f): kept %s; dropped %s; unclear %s", result["margin"],
+             " ".join(result["kept"]) or "none", " ".join(result["dropped"]) or "none",
+             " ".join(result["unclear"]) or "none")
+    return result
 
 
 def _discovery_possible(opts: ValtoolOptions, subject: Subject, table, not_run: dict) -> bool:
@@ -168,7 +208,8 @@ def _compare(run: Run, opts: ValtoolOptions, subject: Subject, data, logits) -> 
     """compare/: the reference model ``--compare-with`` (A) against the audited one (B)."""
     from tools.stages.compare import open_side, side_logits, write_compare
 
-    reference = open_side(run, opts.compare_with, opts.model, opts.pred_format, opts.csv, opts.img_root, subject.labels)
+    reference = open_side(run, opts.compare_with, opts.model, opts.pred_format, opts.csv, opts.img_root, subject.labels,
+                          rules=opts.rules)
     a_logits = side_logits(run, reference, data)
     return write_compare(run.stage("compare"), data, a_logits, logits, subject.labels, reference.describe(),
                          subject.describe(), opts.group_cols, opts.bootstrap)
@@ -184,7 +225,7 @@ def _data_checks(run: Run, opts: ValtoolOptions, labels, files: bool = True) -> 
     prevalence); images were already decoded once for the split, so they are not decoded again."""
     from tools.check_data import check_data
 
-    report = check_data(opts.csv, opts.img_root, labels, progress=False, images=False, files=files)
+    report = check_data(opts.csv, opts.img_root, labels, progress=False, images=False, files=files, rules=opts.rules)
     report["skipped_images"] = run.skipped
     write_json(run.stage("data_checks").outdir / "data_checks.json", report)
     for line in report["problems"] + report["warnings"]:
@@ -333,11 +374,13 @@ def run_valtool(run: Run, opts: ValtoolOptions, compile: bool = False) -> dict:
             raise UserError("valtool --image-dir needs the model: pass --weights (predictions cannot be made for new images)")
         if opts.predictions:
             raise UserError("valtool --image-dir runs the model on the folder's images; --predictions applies to --csv")
+        if opts.internal:
+            raise UserError("valtool --internal compares metrics on labelled data: it applies to --csv, not --image-dir")
         subject = _folder_subject(run, opts, compile)
         summary = run_unlabelled(run, opts, subject)
     else:
         subject = open_subject(run, opts.model, opts.predictions, opts.pred_format, opts.csv, opts.img_root,
-                               opts.labels, opts.group_cols, compile)
+                               opts.labels, opts.group_cols, compile, opts.rules)
         summary = run_labelled(run, opts, subject)
     if distributed.is_main():
         summary["model"] = {**subject.describe(), **({"record": subject.info.record()} if subject.info else {})}

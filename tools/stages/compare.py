@@ -21,6 +21,7 @@ from tools.metrics import METRICS, sigmoid
 from tools.model_files import ModelRequest
 from tools.runtime import Run
 from tools.splits import SplitData
+from tools.table import ReadRules
 
 
 def is_predictions(path) -> bool:
@@ -28,13 +29,15 @@ def is_predictions(path) -> bool:
     return Path(path).suffix.lower() == ".csv"
 
 
-def open_side(run: Run, path, request: ModelRequest, pred_format, csv, img_root, labels, group_cols=()) -> Subject:
+def open_side(run: Run, path, request: ModelRequest, pred_format, csv, img_root, labels, group_cols=(),
+              rules: ReadRules = ReadRules()) -> Subject:
     """One side of a comparison: ``path`` as a model file (with the model flags of ``request``)
-    or as predictions, on the input table ``csv``."""
+    or as predictions, on the input table ``csv`` read under ``rules``."""
     if is_predictions(path):
         return open_subject(run, replace(request, weights=None), [path], pred_format, csv, img_root, labels,
-                            group_cols)
-    return open_subject(run, replace(request, weights=str(path)), None, None, csv, img_root, labels, group_cols)
+                            group_cols, rules=rules)
+    return open_subject(run, replace(request, weights=str(path)), None, None, csv, img_root, labels, group_cols,
+                        rules=rules)
 
 
 def side_logits(run: Run, side: Subject, data: SplitData) -> np.ndarray:

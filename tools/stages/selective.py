@@ -24,7 +24,7 @@ from tools.selective import (confidence_from_probs, confidence_from_spread, know
 from tools.stats import bootstrap_p
 from tools.splits import SplitData
 from tools.stages.calibrate import fitted_temperature
-from tools.table import label_matrix, read_table
+from tools.table import ReadRules, label_matrix, read_table
 
 log = logging.getLogger("cxr")
 
@@ -43,10 +43,10 @@ def confidence_signals(logits, temperature=None, mc: dict | None = None, tta: di
     return signals
 
 
-def from_calibrated_csv(path, labels, wanted) -> tuple[SplitData, object, dict]:
+def from_calibrated_csv(path, labels, wanted, rules: ReadRules = ReadRules()) -> tuple[SplitData, object, dict]:
     """(data, clean probabilities, {signal: confidence}) read from calibrate's
-    ``predictions_calibrated_<split>.csv``, without a model."""
-    df = read_table(path, labels)
+    ``predictions_calibrated_<split>.csv`` (under ``rules``), without a model."""
+    df = read_table(path, labels, rules=rules)
     data = SplitData(Path(path).stem.removeprefix("predictions_calibrated_"), df, [], label_matrix(df, labels), None)
     probs = signal_columns(df, path, labels, "maxprob")
     signals = {}
