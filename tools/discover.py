@@ -17,7 +17,10 @@ measured on them, its interval and p-value are honest.
 Shortcut probes (after Zech et al., PLOS Medicine 2018): how well a cross-validated logistic
 regression on the features predicts a metadata column or an image property (AUROC, one-vs-rest
 macro for several values), and how much each label's prevalence differs across that column's
-groups. Both together are a shortcut risk.
+groups. Both together are a shortcut risk. Where the model is at hand, the risk is looked at
+through Grad-CAM (Selvaraju et al., ICCV 2017): the region where the mean film of the group with
+the highest prevalence differs most from the mean of the others (a burned-in marker, a collimation
+edge) and how densely the label's Grad-CAM covers it, on that group's films against the others'.
 
 Label issues (confident learning: Northcutt et al., JAIR 2021, https://arxiv.org/abs/1911.00068):
 per label, the per-class thresholds are the mean predicted probability of the class's members; a
@@ -33,7 +36,7 @@ import pandas as pd
 from scipy.special import logsumexp
 from scipy.stats import chi2_contingency, fisher_exact, mannwhitneyu, norm
 
-from tools.metrics import binary_metrics, binary_metrics_weighted, bootstrap_weights, percentile_ci
+from tools.metrics import binary_metrics, binary_metrics_weighted, bootstrap_resamples, percentile_ci
 from tools.slicing import defined_by_labels, group_values
 from tools.stats import bootstrap_p, hull, score_interval, wilson
 
@@ -47,6 +50,7 @@ MIN_CLASS = 5                # a slice is tested only with this many positives a
 PROBE_FOLDS = 5
 MIN_PROBE_AUROC = 0.6        # a column the features predict less well than this is not a risk
 MIN_PREVALENCE_GAP = 0.05    # nor one whose groups' prevalences differ by less than this
+REGION_LEVEL = 0.5           # a group's region: pixels whose mean differs by half the largest difference or more
 MIN_GROUP_ROWS = 10          # groups smaller than this do not enter a prevalence gap
 MAX_DESCRIBED_VALUES = 50    # a text column with more distinct values is an identifier, not a description
 ID_COLUMNS = {"image_path", "split", "patient_id", "study_id", "study_uid", "subject_id", "dicom_id", "Path"}
@@ -304,7 +308,7 @@ def probe(z, values: np.ndarray, clusters, n_boot: int = 1000, seed: int = 0) ->
         fit = LogisticRegression(C=1.0, max_iter=2000).fit(z[train], codes[train])
         oof[np.ix_(test, fit.classes_)] = fit.predict_proba(z[test])
     oof = np.nan_to_num(oof, nan=0.0)
-    weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
+    weights = bootstrap_resamples(clusters, n_boot, seed) if n_boot > 0 else None
     scored = [1] if len(classes) == 2 else range(len(classes))
     point = np.mean([_weighted_auroc(codes == c, oof[:, c], np.ones(len(codes)))[0] for c in scored])
     out["probe_auroc"] = float(point)
@@ -363,17 +367,63 @@ def shortcut_row(column: str, values, z, y, labels, clusters, n_boot: int, seed:
     row["risk"] = bool(row["p_value"] is not None and row["p_value"] < 0.05 and pr["probe_auroc"] >= MIN_PROBE_AUROC)
     worst = max(tied, key=lambda lbl: gaps[lbl]["gap"]) if tied else None
     row["label"] = worst
+    row["group"] = None if worst is None else gaps[worst]["highest"]
     row["detail"] = (None if worst is None else
                      f"{worst} prevalence {gaps[worst]['highest']} vs {gaps[worst]['lowest']}: "
                      f"{gaps[worst]['gap']:+.3f}")
     return row
 
 
+def difference_region(mean_group: np.ndarray, mean_rest: np.ndarray, level: float = REGION_LEVEL) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels where the group's mean film differs from the mean film of
+    the others by at least ``level`` times the largest such difference (in absolute value): where
+    the group's films look most different, whatever the difference is (a tag, an edge, a band)."""
+    diff = np.abs(np.asarray(mean_group, float) - np.asarray(mean_rest, float))
+    peak = float(diff.max())
+    return diff >= level * peak if peak > 0 else np.zeros(diff.shape, bool)
+
+
+def concentration(maps: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Per heat map (N, H, W): its mean inside ``region`` over its mean over the film (1 = no more
+    heat there than anywhere; the share of its mass inside over the region's share of the film);
+    NaN for an all-zero map or an empty region."""
+    maps = np.asarray(maps, float)
+    total = maps.sum(axis=(1, 2))
+    inside = (maps * region).sum(axis=(1, 2))
+    area = float(np.mean(region))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where((total > 0) & (area > 0), inside / np.where(total > 0, total, 1.0) / max(area, 1e-12), np.nan)
+
+
+def attention_gap(group, rest, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean concentration of Grad-CAM in the region on the group's films minus that on the
+    others', with a 95% bootstrap interval (films resampled within each side) and the one-sided
+    p-value of "no more attention there on the group's films" (normal approximation with the
+    bootstrap's standard error, as for the probes)."""
+    a = np.asarray(group, float)
+    b = np.asarray(rest, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    out = {"concentration_group": float(a.mean()) if len(a) else None,
+           "concentration_rest": float(b.mean()) if len(b) else None,
+           "n_group": int(len(a)), "n_rest": int(len(b)), "difference": None, "ci95": None, "p_value": None}
+    if not len(a) or not len(b):
+        return out
+    out["difference"] = float(a.mean() - b.mean())
+    if n_boot > 0:
+        rng = np.random.default_rng(seed)
+        boot = (a[rng.integers(0, len(a), (n_boot, len(a)))].mean(axis=1)
+                - b[rng.integers(0, len(b), (n_boot, len(b)))].mean(axis=1))
+        out["ci95"] = percentile_ci(boot)
+        se = float(np.std(boot, ddof=1))
+        out["p_value"] = float(norm.sf(out["difference"] / se)) if se > 0 else float(out["difference"] <= 0)
+    return out
+
+
 def property_label_auroc(props: pd.DataFrame, y, labels, clusters, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Does an image property alone predict a label? AUROC of each numeric property as a score
     for each label (above 0.5: higher values go with positives), with the hull of the cluster
     bootstrap and score intervals and the two-sided p-value of "0.5"."""
-    weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
+    weights = bootstrap_resamples(clusters, n_boot, seed) if n_boot > 0 else None
     rows = []
     for col in props.columns:
         if col == "image_path" or not pd.api.types.is_numeric_dtype(props[col]):
@@ -389,7 +439,7 @@ def property_label_auroc(props: pd.DataFrame, y, labels, clusters, n_boot: int =
                 continue
             ci = p = None
             if weights is not None:
-                boot = _weighted_auroc(t, s, weights[:, ok])
+                boot = _weighted_auroc(t, s, weights.rows(ok))
                 n_pos = int(t.sum())
                 lo, hi = score_interval("auroc", auc, n_pos, len(t) - n_pos)
                 ci = hull(percentile_ci(boot), [float(lo), float(hi)])

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from tools.model import feature_map, head, head_linear, pool, unwrap
+from tools.model import feature_map, head, head_linear, input_spec, pool, to_model_input, unwrap
 
 OVERLAY_ALPHA = 0.4
 
@@ -58,6 +58,12 @@ def gradcam(model, x: torch.Tensor, label_index: int) -> np.ndarray:
     weights = grad[0].mean(dim=(1, 2))                               # alpha_k
     cam = torch.relu(torch.einsum("k,khw->hw", weights, fmap[0].detach()))
     return _upsample_normalise(cam.cpu().numpy(), x.shape[2], x.shape[3])
+
+
+def film_gradcam(model, film: np.ndarray, label_index: int, device) -> np.ndarray:
+    """:func:`gradcam` of one letterboxed uint8 film, made into the model's input on ``device``."""
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(film))[None].to(device), spec=input_spec(model))
+    return gradcam(model, x, label_index)
 
 
 def _upsample_normalise(cam: np.ndarray, height: int, width: int) -> np.ndarray:

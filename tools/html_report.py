@@ -481,6 +481,16 @@ def discover_section(outdir: Path) -> Html:
                           "prevalence gap: largest minus smallest prevalence over the column's groups of 10 films or "
                           "more. A risk needs both: probe AUROC >= 0.6 and a prevalence gap >= 0.05, p < 0.05."))
         parts.append(frame_table(probes))
+        for risk in info.get("shortcut_risks") or []:
+            att = risk.get("attention")
+            if not att or att.get("difference") is None:
+                continue
+            parts.append(figure(folder / f"shortcut_{str(risk['column']).replace(':', '_')}.png",
+                                f"{att['label']} Grad-CAM on the {att['column']}={att['group']} films the model scores "
+                                f"highest: {fmt(att['concentration_group'])}x as dense in the marked region (where "
+                                f"that group's mean film differs most, {att['region_share_of_film']:.1%} of the film) "
+                                f"as on average, against {fmt(att['concentration_rest'])}x on the other films; "
+                                f"difference {fmt_ci(att['difference'], att['ci95'])}, p {fmt_p(att['p_value'])}."))
     by_property = read_csv_optional(folder / "property_label_auroc.csv")
     if by_property is not None and len(by_property):
         parts += [Html("<h3>Does an image property alone predict a label?</h3>"),

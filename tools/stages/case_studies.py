@@ -11,17 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from tools import figures
 from tools.corruptions import apply_corruption
 from tools.dataset import CXRDataset, letterbox, load_image, make_loader
 from tools.errors import UserError
 from tools.files import write_json
-from tools.gradcam import gradcam
+from tools.gradcam import film_gradcam
 from tools.inference import predict
 from tools.metrics import sigmoid
-from tools.model import input_spec, to_model_input
 from tools.predictions import read_predictions
 from tools.runtime import Run
 from tools.table import resolve_paths
@@ -129,10 +127,6 @@ def probabilities(run: Run, model, films) -> np.ndarray:
     return sigmoid(predict(model, loader, run.device, run.precision)["logits"])
 
 
-def heatmap(model, image, label_index: int, device) -> np.ndarray:
-    return gradcam(model, to_model_input(torch.from_numpy(image)[None].to(device), spec=input_spec(model)), label_index)
-
-
 @dataclass
 class Panel:
     name: str             # "clean", "gaussian_blur sev3", ...
@@ -167,7 +161,7 @@ def run_case(run: Run, pick: Pick, df, opts: CaseOptions, model, corrupt: bool):
                   for name, sev in CORRUPTIONS]
     j = opts.labels.index(opts.label)
     probs = probabilities(run, model, [film for _, film in films])
-    panels = [Panel(name, film, probs[k], heatmap(model, film, j, run.device)) for k, (name, film) in enumerate(films)]
+    panels = [Panel(name, film, probs[k], film_gradcam(model, film, j, run.device)) for k, (name, film) in enumerate(films)]
     return row, panels
 
 

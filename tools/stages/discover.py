@@ -1,9 +1,10 @@
 """The discover stage: slices no column names, shortcut probes and label issues (``tools.discover``),
 written as ``slices.csv``, ``slice_members.csv``, ``shortcut_probes.csv``,
 ``property_label_auroc.csv``, ``label_issues.csv`` (and ``label_issues_<train-split>.csv`` with
-``--label-audit-folds``), ``slice_<k>.png``, ``label_issues.png`` and ``discover_summary.json``.
-Shared by ``main.py discover`` and valtool. Model passes (features of the discover split and, for
-the label audit, of the training split) run on every rank; the analyses and files on rank 0.
+``--label-audit-folds``), ``slice_<k>.png``, ``shortcut_<column>.png`` (Grad-CAM on a shortcut
+risk's group), ``label_issues.png`` and ``discover_summary.json``. Shared by ``main.py discover``
+and valtool. Model passes (features of the discover split and, for the label audit, of the
+training split) run on every rank; the analyses, the Grad-CAM maps and the files on rank 0.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tools.calibration import apply_temperature, fit_temperature, none_if_nan
 from tools.errors import UserError
 from tools.files import write_csv, write_json
 from tools.findings import ALPHA, p_text
+from tools.gradcam import film_gradcam, overlay
 from tools.image_stats import PROPERTIES, image_properties
 from tools.metrics import sigmoid
 from tools.runtime import Run
@@ -30,6 +32,7 @@ from tools.stats import bh_qvalues
 log = logging.getLogger("cxr")
 
 MONTAGE_FILMS = 8      # most typical members shown per slice
+ATTENTION_FILMS = 16   # films per side whose Grad-CAM is measured for a shortcut risk
 ISSUE_FILMS = 12       # top label-issue candidates shown
 SLICE_COLUMNS = ["slice_id", "label", "n", "metric", "value", "gap", "ci_low", "ci_high", "p_value", "q_value",
                  "top_column", "top_value", "top_share", "overall_share", "description"]
@@ -44,6 +47,7 @@ class Passes:
     fit_features: np.ndarray
     train: SplitData | None = None
     train_features: np.ndarray | None = None
+    model: object = None  # for Grad-CAM of the shortcut risks; None for predictions alone
 
 
 def discovery_passes(run: Run, subject: Subject, split: str | None, discover_split: str, audit_split: str | None,
@@ -58,7 +62,7 @@ def discovery_passes(run: Run, subject: Subject, split: str | None, discover_spl
         raise UserError(f"--label-audit-folds {audit_folds}: need 2 folds or more (0 = off)")
     fit = subject.split(run, discover_split)
     out = subject.logits(run, fit, features=True, desc=discover_split)
-    passes = Passes(fit, out["logits"], out["features"])
+    passes = Passes(fit, out["logits"], out["features"], model=subject.model)
     if audit_split and audit_folds:
         passes.train = subject.split(run, audit_split)
         passes.train_features = subject.logits(run, passes.train, features=True, desc=audit_split)["features"]
@@ -111,9 +115,14 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
                                                 *[f"prevalence_gap_{lbl}" for lbl in labels], "risk", "p_value",
                                                 "label", "detail"])
     write_csv(run.outdir / "shortcut_probes.csv", probe_table)
+    for r in probes:
+        r["attention"] = None
+        if r["risk"] and passes.model is not None:
+            values = group_values(props[r["column"][6:]] if r["column"].startswith("image:") else data.df[r["column"]])[0]
+            r["attention"] = _shortcut_attention(run, passes.model, data, probs, labels, r, values, bootstrap, seed)
     tests += [{"kind": "shortcut", "column": r["column"], "label": r["label"], "value": r["probe_auroc"],
                "ci95": None if r["ci_low"] is None else [r["ci_low"], r["ci_high"]], "p_value": r["p_value"],
-               "detail": r["detail"]} for r in probes if r["p_value"] is not None]
+               "detail": r["detail"] + _attention_text(r["attention"])} for r in probes if r["p_value"] is not None]
     by_property = dsc.property_label_auroc(props, data.y, labels, data.clusters, bootstrap, seed)
     q = bh_qvalues(by_property["p_value"].astype(float).to_numpy())
     by_property["q_value"] = np.where(np.isnan(q), None, q)
@@ -218,6 +227,51 @@ def _slice_montage(run: Run, k: int, s: dsc.Slice, member, typical, data: SplitD
                            f"n={row['n']})", run.outdir / f"slice_{k}.png")
 
 
+def _shortcut_attention(run: Run, model, data: SplitData, probs, labels, row: dict, values, bootstrap: int,
+                        seed: int) -> dict:
+    """Grad-CAM of a shortcut risk's label on the films of the group with its highest prevalence:
+    how dense the map is in the region where that group's mean film differs most from the others'
+    (``tools.discover.difference_region``, ``concentration``), on the group's films the model
+    scores highest for the label against the others' highest; ``shortcut_<column>.png`` shows the
+    region and the group's maps."""
+    j = labels.index(row["label"])
+    in_group = np.asarray(values).astype(str) == str(row["group"])
+    total = {True: 0.0, False: 0.0}
+    for i in range(len(data.df)):
+        total[bool(in_group[i])] = total[bool(in_group[i])] + data.store[i].astype(np.float64)
+    region = dsc.difference_region(total[True] / in_group.sum(), total[False] / (~in_group).sum())
+    order = np.argsort(-probs[:, j], kind="mergesort")
+    chosen = {side: [i for i in order if in_group[i] == side][:ATTENTION_FILMS] for side in (True, False)}
+    maps = {side: np.stack([film_gradcam(model, data.store[i], j, run.device) for i in rows])
+            for side, rows in chosen.items()}
+    out = {"column": row["column"], "group": row["group"], "label": row["label"],
+           "region_share_of_film": float(region.mean()),
+           **dsc.attention_gap(dsc.concentration(maps[True], region), dsc.concentration(maps[False], region),
+                               bootstrap, seed)}
+    name = row["column"].replace(":", "_")
+    films = [data.store[i] for i in chosen[True][:MONTAGE_FILMS]]
+    mean = np.clip(np.rint(total[True] / in_group.sum()), 0, 255).astype(np.uint8)
+    titles = [f"{str(data.df['image_path'].iloc[i]).rsplit('/', 1)[-1]}\n{row['label']} p={probs[i, j]:.2f}"
+              for i in chosen[True][:MONTAGE_FILMS]]
+    figures.montage_figure([overlay(mean, region.astype(np.float32))] + [overlay(f, m) for f, m in zip(films, maps[True])],
+                           [f"mean {row['column']}={row['group']} film: where it differs most"] + titles,
+                           f"{row['column']}={row['group']} group, {row['label']} Grad-CAM "
+                           f"{out['concentration_group']:.1f}x as dense in the marked region as on average "
+                           f"(other films {out['concentration_rest']:.1f}x)",
+                           run.outdir / f"shortcut_{name}.png")
+    return out
+
+
+def _attention_text(att: dict | None) -> str:
+    if not att or att["difference"] is None:
+        return ""
+    ci = att["ci95"] or [np.nan, np.nan]
+    return (f"; {att['label']} Grad-CAM on {att['column']}={att['group']} films is {att['concentration_group']:.1f}x as "
+            f"dense in the {att['region_share_of_film']:.1%} of the film where they differ most as on average "
+            f"(other films {att['concentration_rest']:.1f}x; difference {att['difference']:+.2f} "
+            f"[{ci[0]:+.2f}, {ci[1]:+.2f}], p {p_text(att['p_value'])})")
+
+
 def _y(value) -> str:
     return "?" if np.isnan(value) else str(int(value))
 
@@ -276,8 +330,8 @@ def _train_audit(run: Run, passes: Passes, reducer: dsc.Reducer, labels, folds: 
 
 def _console_lines(rows, probes, issue_tests) -> list[str]:
     lines = [f"slice {r['slice_id']} ({r['label']}): {r['description']}" for r in rows]
-    lines += [f"shortcut risk: {r['column']}: probe AUROC {r['probe_auroc']:.3f}; {r['detail']}" for r in probes
-              if r["risk"]]
+    lines += [f"shortcut risk: {r['column']}: probe AUROC {r['probe_auroc']:.3f}; {r['detail']}"
+              f"{_attention_text(r['attention'])}" for r in probes if r["risk"]]
     lines += [f"label issues {t['label']} ({t['split']}): {t['count']} of {t['n']} contradicted with confidence, "
               f"{t['expected']:.1f} expected by chance (p {p_text(t['p_value'])})" for t in issue_tests
               if t["p_value"] is not None and t["p_value"] < ALPHA]
