@@ -13,7 +13,7 @@ from scipy.stats import binom, chi2_contingency, fisher_exact
 from conftest import run_main
 from tools import discover as dsc
 from tools.calibration import apply_temperature, fit_temperature
-from tools.make_demo_data import LABELS, TRUTH_FILE, make_demo_dataset
+from tools.make_demo_data import LABELS, PARAMS, TRUTH_FILE, make_demo_dataset
 from tools.stats import bh_qvalues
 
 THUMB = 16  # films reduced to 16 x 16 pixels serve as features
@@ -22,8 +22,8 @@ THUMB = 16  # films reduced to 16 x 16 pixels serve as features
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """600 demo films at 64 px with their truth, thumbnail features, and the probabilities of a
-    model that sees every true label except Effusion on the hidden device's films (there it
-    guesses), seeded."""
+    model that sees every true label except the device's label (Cardiomegaly) on the hidden
+    device's films (there it guesses), seeded."""
     root = tmp_path_factory.mktemp("planted")
     csv = make_demo_dataset(root, n=600, seed=11, size=64)
     df = pd.read_csv(csv)
@@ -35,23 +35,25 @@ def planted(tmp_path_factory):
     true = truth[[f"true_{lbl}" for lbl in LABELS]].to_numpy(float)
     logits = 2.5 * (2 * true - 1) + rng.normal(0, 1.2, true.shape)
     device = truth["hidden_device"].to_numpy() == 1
-    j = LABELS.index("Effusion")
+    j = LABELS.index(PARAMS["hidden_device"]["label"])
     logits[device, j] = rng.normal(-1.0, 1.2, device.sum())
     probs = 1 / (1 + np.exp(-logits))
     y = df[LABELS].to_numpy(float)
-    return {"df": df, "truth": truth, "features": features, "probs": probs, "y": y, "device": device}
+    return {"df": df, "truth": truth, "features": features, "probs": probs, "y": y, "device": device, "films": films}
 
 
-def test_the_worst_effusion_slice_recovers_the_hidden_device(planted):
-    """Fitted on the train rows, assigned on the test rows from features alone: the Effusion slice
-    with the largest gap there has precision and recall >= 0.6 for the planted device films."""
+def test_the_worst_slice_of_the_device_label_recovers_the_hidden_device(planted):
+    """Fitted on the train rows, assigned on the test rows from features alone: the slice of the
+    device's label with the largest gap there has precision and recall >= 0.6 for the planted
+    device films."""
     df, feats, probs, y, device = (planted[k] for k in ("df", "features", "probs", "y", "device"))
     fit, test = (df["split"] == "train").to_numpy(), (df["split"] == "test").to_numpy()
     reducer = dsc.fit_reducer(np.vstack([feats[fit], feats[test]]))
-    slices = [s for s in dsc.discover_slices(reducer(feats[fit]), y[fit], probs[fit], LABELS) if s.target == "Effusion"]
-    assert slices, "no Effusion slice found"
+    label = PARAMS["hidden_device"]["label"]
+    slices = [s for s in dsc.discover_slices(reducer(feats[fit]), y[fit], probs[fit], LABELS) if s.target == label]
+    assert slices, f"no {label} slice found"
     members, _ = dsc.assign(slices, reducer(feats[test]))
-    j = LABELS.index("Effusion")
+    j = LABELS.index(label)
     gaps = [dsc.auroc_gap(y[test], probs[test], m, j) for m in members]
     worst = members[int(np.nanargmin(gaps))]
     hidden = device[test]
@@ -75,6 +77,94 @@ def test_shortcut_probe_flags_the_planted_site_and_not_a_shuffled_column(planted
     shuffled = dsc.shortcut_row("shuffled", np.array([coin[c] for c in clusters]), z, y, LABELS, clusters, 300, 0)
     assert shuffled["ci_low"] <= 0.5 <= shuffled["ci_high"]
     assert not shuffled["risk"]
+
+
+def _model_reading(films, group, reads_tag: bool):
+    """An untrained DenseNet whose Effusion logit reads a channel that fires at the bottom right of
+    the films (64 px films: a 2 x 2 feature map) and, if ``reads_tag``, also the channel whose top
+    left fires most on the films of ``group`` against the others'."""
+    import torch
+
+    from tools.model import build_model, feature_map, input_spec, to_model_input
+
+    torch.manual_seed(0)
+    net = build_model(3, 0.0, "none").eval()
+    with torch.no_grad():
+        a = feature_map(net, to_model_input(torch.from_numpy(np.stack(films)), spec=input_spec(net))).numpy()
+        mean = a.mean(0)                                               # (1024, 2, 2)
+        others = mean.copy()
+        others[:, 1, 1] = -np.inf
+        base = int(np.argmax(mean[:, 1, 1] - others.reshape(len(mean), -1).max(1)))
+        rest_of_map = a.copy()
+        rest_of_map[:, :, 0, 0] = -np.inf
+        peaked = (a[group, :, 0, 0] - rest_of_map[group].reshape(group.sum(), len(mean), -1).max(2)).mean(0) > 0
+        tag = int(np.argmax(np.where(peaked, a[group, :, 0, 0].mean(0) - a[~group, :, 0, 0].mean(0), -np.inf)))
+        net.classifier[1].weight.zero_()
+        net.classifier[1].bias.zero_()
+        j = LABELS.index("Effusion")
+        net.classifier[1].weight[j, base] = float(1.0 / max(mean[base, 1, 1], 1e-6))
+        if reads_tag:
+            net.classifier[1].weight[j, tag] = float(3.0 / max(a[group, tag, 0, 0].mean(), 1e-6))
+    return net
+
+
+@pytest.mark.parametrize("reads_tag", [True, False])
+def test_grad_cam_of_a_shortcut_shows_the_burned_in_tag_when_the_model_reads_it(planted, tmp_path, reads_tag):
+    """Site B's films carry a white tag top-left. A model whose Effusion logit reads a channel that
+    fires there (and one at the bottom right) puts far more Grad-CAM mass in the region where site-B
+    films differ (which holds the tag) on site-B films than on the others; one that reads the
+    bottom right alone does not."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from tools.dataset import letterbox
+    from tools.splits import SplitData
+    from tools.stages.discover import _shortcut_attention
+
+    df, films, probs = planted["df"], planted["films"], planted["probs"]
+    test = np.flatnonzero((df["split"] == "test").to_numpy())
+    data = SplitData("test", df.iloc[test].reset_index(drop=True), list(df["image_path"].iloc[test]),
+                     planted["y"][test], [letterbox(films[i], 64) for i in test], 64)
+    site_b = data.df["site"].to_numpy() == "B"
+    model = _model_reading(data.store, site_b, reads_tag)
+    row = {"column": "site", "group": "B", "label": "Effusion"}
+    run = SimpleNamespace(outdir=tmp_path, device=torch.device("cpu"))
+    att = _shortcut_attention(run, model, data, probs[test], LABELS, row, data.df["site"].to_numpy(), 300, 0)
+    assert att["n_group"] == att["n_rest"] == 16 and att["group"] == "B"
+    assert 0 < att["region_share_of_film"] < 0.02
+    assert (tmp_path / "shortcut_site.png").stat().st_size > 0
+    # the region is the tag: every pixel of it lies where some jittered tag can be
+    tag, size = PARAMS["site_tag"], 64
+    box = int(np.ceil((tag["corner"] + tag["jitter"] + tag["width"]) * size)) + 1
+    mean_b = np.mean([f for f, b in zip(data.store, site_b) if b], axis=0)
+    mean_rest = np.mean([f for f, b in zip(data.store, site_b) if not b], axis=0)
+    region = dsc.difference_region(mean_b, mean_rest)
+    assert region.sum() >= 8 and not region[box:, :].any() and not region[:, box:].any()
+    if reads_tag:
+        assert att["ci95"][0] > 0 and att["p_value"] < 0.01, att
+        assert att["concentration_group"] > 1.5 and att["concentration_group"] > att["concentration_rest"] + 0.5, att
+    else:
+        assert att["ci95"][0] <= 0 <= att["ci95"][1] and att["p_value"] > 0.05, att
+
+
+def test_attention_gap_matches_direct_computation():
+    rng = np.random.default_rng(5)
+    maps = rng.random((6, 8, 8))
+    region = np.zeros((8, 8), bool)
+    region[:2, :3] = True
+    dense = dsc.concentration(maps, region)
+    np.testing.assert_allclose(dense, [m[:2, :3].mean() / m.mean() for m in maps])
+    assert np.isnan(dsc.concentration(np.zeros((1, 8, 8)), region)[0])
+    a, b = rng.random(12) + 0.3, rng.random(9)
+    gap = dsc.attention_gap(a, b, 2000, 0)
+    assert gap["difference"] == pytest.approx(a.mean() - b.mean())
+    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    lo, hi = gap["ci95"]
+    assert lo == pytest.approx(gap["difference"] - 1.96 * se, abs=0.06)
+    assert hi == pytest.approx(gap["difference"] + 1.96 * se, abs=0.06)
+    top = dsc.difference_region(np.zeros((10, 10)), np.arange(100.0).reshape(10, 10), level=0.9)
+    assert top.sum() == 10 and top.ravel()[-10:].all()
 
 
 def test_label_issues_rank_the_flipped_labels_first(planted):
@@ -201,6 +291,11 @@ def test_discover_command_writes_consistent_files(demo, trained, tmp_path):
     summary = json.loads((out / "discover_summary.json").read_text())
     assert summary["split"] == "test" and summary["discover_split"] == "train"
     assert summary["label_issues"]["train_audit"]["folds"] == 3
+    for risk in summary["shortcut_risks"]:   # each looked at through Grad-CAM, with its picture
+        att = risk["attention"]
+        assert (att["column"], att["group"], att["label"]) == (risk["column"], risk["group"], risk["label"])
+        assert att["ci95"][0] <= att["difference"] <= att["ci95"][1]
+        assert (out / f"shortcut_{risk['column'].replace(':', '_')}.png").stat().st_size > 0
 
 
 @pytest.mark.slow

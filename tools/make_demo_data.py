@@ -60,22 +60,23 @@ Planted failure modes (ground truth for the suite's failure analysis)
    studies show them as barely blunted angles. (Size and side are not CSV columns: the case
    studies are the way to see them.)
 4. A hidden device: a failure no metadata column names. Mechanism: ``PARAMS["hidden_device"]``
-   ["p"] (15 %) of the images, drawn per image independently of site, view and labels, come from
-   an unnamed device whose collimator cuts off the lung bases: below a horizontal image line at
-   about 60 % of the height (+/- 1 %, placed after pose) the film is the bright, nearly uniform
-   shadow of the unexposed detector (0.9 plus a little noise, soft edge of a pixel or two). It
-   hides the costophrenic recesses and with them most effusions, all but the largest, whose
-   meniscus climbs the lateral wall above the line; the line cuts the lowest part of the heart but
-   leaves most of its widest extent. It also hides the lowest Kerley-B-like lines. The device
-   writes its films at ``size_ratio`` (7/8) of ``--size``. Expected finding: Effusion is missed on
-   these films (AUROC much lower inside the subset), found only by slice discovery on the model's
-   features (no column names the subset); the slice is described by original size and brightness.
-5. A shortcut: site B. Mechanism: site B adds ``PARAMS["site_effusion"]["B"]`` (0.25) to the
+   ["p"] (25 %) of the images, drawn per image independently of site, view and labels, come from
+   an unnamed device whose collimator is set too high: below a horizontal image line at about half
+   the height (+/- 1 %, placed after pose) the film is the bright, nearly uniform shadow of the
+   unexposed detector (0.9 plus a little noise, soft edge of a pixel or two). It hides the heart
+   but for the top of its outline, so its width cannot be read, and every effusion and the lower
+   Kerley-B-like lines with it. The device writes its films at ``size_ratio`` (7/8) of ``--size``.
+   Expected finding: Cardiomegaly (``PARAMS["hidden_device"]["label"]``, the label a model reads
+   best elsewhere) is ranked near chance on these films, found only by slice discovery on the
+   model's features (no column names the subset); the slice is described by original size,
+   brightness and sharpness.
+5. A shortcut: site B. Mechanism: site B adds ``PARAMS["site_effusion"]["B"]`` (0.35) to the
    per-image Effusion probability, and every site-B film carries a burned-in tag
    (``PARAMS["site_tag"]``: a pure white square, 9 % of the image width, with a dark letter,
    top-left with a few pixels of jitter), drawn after processing. A model can detect Effusion
    partly by recognising site B. Expected finding: a probe of ``site`` from the model's features
-   is far above chance, and Effusion prevalence differs across sites: a shortcut risk.
+   is far above chance, and Effusion prevalence differs across sites: a shortcut risk; Grad-CAM of
+   Effusion on site-B films is dense on the tag where the model uses it.
 6. Label noise in the test split. Mechanism: after the split, for each label on its own,
    ``label_flip_count`` test rows (``PARAMS["test_label_flips"]`` = 5 % of the test split,
    rounded, at least one from 10 test rows up), chosen at random, have the label flipped (0 <-> 1)
@@ -172,12 +173,12 @@ PARAMS = {
     # replaces everything below a horizontal line (image heights, after pose; +/- jitter) by the
     # bright unexposed-detector shadow (value in [0, 1], noise sd) with a soft edge of ~edge_px
     # pixels, and it writes films at size_ratio of --size.
-    "hidden_device": {"p": 0.15, "cutoff": 0.60, "cutoff_jitter": 0.01, "shadow": 0.9,
-                      "shadow_noise": 0.012, "edge_px": 1.5, "size_ratio": 7 / 8},
+    "hidden_device": {"p": 0.25, "cutoff": 0.50, "cutoff_jitter": 0.01, "shadow": 0.9,
+                      "shadow_noise": 0.012, "edge_px": 1.5, "size_ratio": 7 / 8, "label": "Cardiomegaly"},
     # 5. a shortcut: added to the per-image Effusion probability by site, and a burned-in tag
     # (white square of side ``width``, dark ``letter``) on every film of ``site``, top-left at
     # ``corner`` + U(0, jitter) (all in image widths), drawn after processing so it is pure white
-    "site_effusion": {"A": 0.0, "B": 0.25, "C": 0.0},
+    "site_effusion": {"A": 0.0, "B": 0.35, "C": 0.0},
     "site_tag": {"site": "B", "letter": "R", "width": 0.09, "corner": 0.03, "jitter": 0.015},
     # 6. label noise: share of test-split rows whose label is flipped, per label
     "test_label_flips": 0.05,
