@@ -8,7 +8,7 @@ import pytest
 from tools import bench
 from tools.errors import UserError
 
-ITEMS = ("predict", "data_wait", "mc_dropout", "stress", "valtool_passes", "film_io")
+ITEMS = ("predict", "data_wait", "mc_dropout", "stress", "valtool_passes", "film_io", "analyses")
 
 
 def numbers(obj):
@@ -27,7 +27,8 @@ def numbers(obj):
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     rc = bench.main(["--quick", "--n-images", "16", "--image-size", "64", "--n-films", "6",
-                     "--film-size", "128", "--repeats", "2", "--batch-size", "8", "--out", str(out)])
+                     "--film-size", "128", "--repeats", "2", "--batch-size", "8", "--scale-rows", "800",
+                     "--scale-resamples", "40", "--reference-resamples", "2", "--out", str(out)])
     assert rc == 0
     return json.loads(out.read_text())
 
@@ -132,7 +133,7 @@ def test_machine_description(quick):
 @pytest.mark.slow
 def test_table_has_a_row_per_item(quick):
     text = bench.format_table(quick["items"])
-    for tag in ("1 ", "1b ", "2 ", "3 ", "4 ", "5 ", "6 "):
+    for tag in ("1 ", "1b ", "1 fp32", "1 bf16", "2 ", "3 ", "4 ", "5 ", "6 ", "7 ", "7b ", "7c ", "7d "):
         assert any(line.startswith(tag) for line in text.splitlines()), tag
 
 
@@ -219,3 +220,56 @@ def test_other_load_leaves_out_this_process_own_work(monkeypatch):
     wall_upper = 0.05 * 20  # the sleep took at least 0.05 s; bound the fraction from both sides
     cores = os.cpu_count() or 1
     assert 0.05 / (wall_upper * cores) <= fraction <= 0.05 / (0.05 * cores)
+
+
+@pytest.mark.slow
+def test_the_precisions_are_measured_side_by_side_or_said_to_be_unsupported(quick):
+    from tools.runtime import cpu_has_bf16
+
+    p = quick["items"]["predict"]
+    assert set(p["precisions"]) == {"fp32", "bf16"}
+    assert p["precisions"]["fp32"]["supported"] is True and p["precisions"]["fp32"]["img_s"] > 0
+    bf16 = p["precisions"]["bf16"]
+    assert bf16["supported"] is cpu_has_bf16()
+    if not bf16["supported"]:
+        assert bf16["note"].startswith("not supported here")
+        assert any("not supported here" in line for line in bench.format_table(quick["items"]).splitlines()
+                   if line.startswith("1 bf16"))
+
+
+def test_a_precision_without_hardware_support_is_a_row_that_says_so():
+    item = {"precision": "fp32", "image_size": 64, "predict_img_s": 10.0, "plain_img_s": 4.0, "ratio": 2.5,
+            "target": ">= 2.5", "met": True, "plain": "batch 16",
+            "sanity": {"max_abs_logit_diff": 0.0, "macro_auroc_suite": 0.8, "macro_auroc_plain_fp32": 0.8,
+                       "decisions_agree": 1.0},
+            "precisions": {"fp32": {"supported": True, "img_s": 10.0, "ratio_vs_plain_fp32": 2.5},
+                           "bf16": {"supported": False, "note": "not supported here: no bf16"}}}
+    rows = {r[0]: r for r in bench.table_rows({"predict": item})}
+    assert rows["1 fp32"][2] == "10.00 img/s" and rows["1 fp32"][4] == "2.50x"
+    assert rows["1 bf16"][1] == "predict at bf16: not supported here: no bf16" and rows["1 bf16"][2] == ""
+
+
+@pytest.mark.slow
+def test_the_analyses_at_scale_run_alone_and_agree_with_the_reference_loop(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--analyses", "--quick", "--scale-rows", "600", "--scale-resamples", "30",
+                       "--reference-resamples", "2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["items"]) == {"analyses"}  # no demo images, no model
+    a = doc["items"]["analyses"]
+    assert a["rows"] == 600 and a["labels"] == 14 and a["resamples"] == 30 and a["reference_resamples"] == 2
+    assert a["group_cols"] == ["view", "sex", "age"]
+    assert 100 <= a["patients"] <= 600 / 3  # about 3.7 films per patient
+    assert a["sanity"]["undefined_agree"] is True
+    assert max(a["sanity"]["max_abs_diff"].values()) < 1e-9
+    t = a["timings"]
+    assert a["suite_s"] == pytest.approx(sum(t[f"suite_{k}_s"] for k in ("eval", "calibrate", "selective")))
+    per_resample = sum(t[f"reference_{k}_s_per_resample"] for k in ("eval", "calibrate", "selective"))
+    assert a["reference_s_extrapolated"] == pytest.approx(per_resample * 30)
+    assert a["ratio"] == pytest.approx(a["reference_s_extrapolated"] / a["suite_s"])
+    assert a["met"] is (a["suite_s"] <= 60)
+
+
+def test_reference_resamples_cannot_exceed_the_resamples():
+    with pytest.raises(UserError, match="--reference-resamples 50"):
+        bench.resolve_options(bench.build_parser().parse_args(["--scale-resamples", "20", "--reference-resamples", "50"]))

@@ -263,3 +263,33 @@ def test_plot_reliability_writes_a_png_atomically(tmp_path):
     plot_reliability(np.zeros((2, 3)), np.full((2, 3), np.nan), out, "nothing known")
     read_figure(out)
     assert [f.name for f in tmp_path.iterdir()] == [out.name]
+
+
+# ====== resamples ======
+
+def test_resampled_ece_nll_brier_equal_the_metrics_of_the_repeated_rows():
+    from tools.metrics import bootstrap_resamples
+
+    z, y = synthetic(300, [1.5, 0.7])
+    y[np.random.default_rng(3).random(y.shape) < 0.1] = np.nan
+    probs = sigmoid(z)
+    resamples = bootstrap_resamples(np.arange(300) // 3, 6, seed=8)
+    boot = cal.calibration_resamples(probs, y, resamples)
+    dense = cal.calibration_resamples(probs, y, resamples.weights())
+    for b, w in enumerate(resamples.weights()):
+        rows = np.repeat(np.arange(300), w.astype(int))
+        for key, f in (("ece", cal.ece), ("nll", cal.nll), ("brier", cal.brier)):
+            assert boot[key][b] == pytest.approx(f(probs[rows], y[rows]), rel=1e-12, abs=1e-15)
+            assert dense[key][b] == pytest.approx(boot[key][b], rel=1e-12, abs=1e-15)
+
+
+def test_resampled_temperatures_are_the_fits_on_the_repeated_rows():
+    from tools.metrics import bootstrap_resamples
+
+    z, y = synthetic(400, [1.8])
+    fitted = cal.fit_temperature(z, y)
+    resamples = bootstrap_resamples(np.arange(400) // 2, 5, seed=1)
+    refits = cal.temperature_resamples(z, y, resamples, fitted)
+    for b, w in enumerate(resamples.weights()):
+        rows = np.repeat(np.arange(400), w.astype(int))
+        assert refits[b] == pytest.approx(cal.fit_temperature(z[rows], y[rows]), rel=1e-3)

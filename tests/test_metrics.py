@@ -11,9 +11,12 @@ from tools.files import write_json
 from tools.metrics import (
     METRICS,
     binary_metrics,
+    binary_metrics_weighted,
+    bootstrap_resamples,
     bootstrap_weights,
     compute_metrics,
     metrics_with_ci,
+    scores,
 )
 
 LABELS = ["Cardiomegaly", "Edema", "Effusion"]
@@ -219,3 +222,124 @@ def test_gaps_where_a_label_has_one_class_are_marked_and_never_tested():
             assert block["derived_from_labels"] is True and block["flaggable"] is False
     assert slice_tests(result, ["a", "b"]) == []  # F1 = 0 with no positives is not a failure
     assert result["groups"]["none"]["per_class"]["a"]["f1@0.5"] == 0.0
+
+
+# ====== resamples ======
+
+def sklearn_weighted(y, p, w) -> dict:
+    """The four metrics of one label from scikit-learn with row weights ``w`` (rows of weight 0
+    and unknown labels left out)."""
+    keep = ~np.isnan(y) & (w > 0)
+    y, p, w = y[keep].astype(int), p[keep], w[keep]
+    f1 = f1_score(y, (p >= 0.5).astype(int), sample_weight=w, zero_division=np.nan) if len(y) else np.nan
+    if len(np.unique(y)) < 2:
+        return {"auroc": np.nan, "auprc": np.nan, "f1@0.5": float(f1), "sens@95spec": np.nan}
+    fpr, tpr, _ = roc_curve(y, p, sample_weight=w, drop_intermediate=False)
+    return {"auroc": roc_auc_score(y, p, sample_weight=w), "auprc": average_precision_score(y, p, sample_weight=w),
+            "f1@0.5": float(f1), "sens@95spec": float(tpr[fpr <= 0.05 + 1e-12].max())}
+
+
+@pytest.mark.parametrize("levels", [None, 20])
+def test_every_resample_equals_sklearn_on_that_resample(levels):
+    """Per label and micro, each of a few patient resamples against scikit-learn with the
+    resample's multiplicities as weights; with continuous scores and with many ties."""
+    rng = np.random.default_rng(11)
+    n = 600
+    y = (rng.random((n, 3)) < [0.05, 0.3, 0.6]).astype(float)
+    p = np.clip(0.3 * y + 0.7 * rng.random((n, 3)), 0, 1)
+    if levels:
+        p = np.round(p * levels) / levels
+    y[rng.random((n, 3)) < 0.1] = np.nan
+    clusters = rng.integers(0, 170, n)
+    resamples = bootstrap_resamples(clusters, 6, seed=5)
+    boot = scores(y, p, resamples)["boot"]
+    for b, w in enumerate(resamples.weights()):
+        for j in range(3):
+            assert_same({m: boot["per_class"][j][m][b] for m in METRICS}, sklearn_weighted(y[:, j], p[:, j], w))
+        known = ~np.isnan(y)
+        rows = np.nonzero(known)[0]
+        assert_same({m: boot["micro"][m][b] for m in METRICS}, sklearn_weighted(y[known], p[known], w[rows]))
+
+
+def test_long_rankings_and_tied_negatives_equal_sklearn():
+    """Thousands of positive tie groups (the sensitivity is found by bisection there) and scores
+    tied across classes, on resamples of single rows."""
+    rng = np.random.default_rng(2)
+    n = 12000
+    y = (rng.random(n) < 0.5).astype(float)
+    p = np.round(np.clip(0.2 * y + 0.8 * rng.random(n), 0, 1), 3)
+    w = bootstrap_weights(np.arange(n), 3, seed=0)
+    res = binary_metrics_weighted(y, p, w)
+    for b in range(3):
+        assert_same({m: res[m][b] for m in METRICS}, sklearn_weighted(y, p, w[b]))
+
+
+def test_resamples_hold_what_the_row_weights_hold():
+    clusters = np.array(["b", "a", "a", "c", "b", "d"])
+    res = bootstrap_resamples(clusters, 70, seed=3)  # more than one block of resamples
+    w = bootstrap_weights(clusters, 70, seed=3)
+    assert res.n_boot == 70 and res.n_rows == 6
+    np.testing.assert_array_equal(res.weights(), w)
+    np.testing.assert_array_equal(res.rows(clusters != "a").weights(), w[:, clusters != "a"])
+    np.testing.assert_array_equal(res.head(5).weights(), w[:5])
+    values = np.arange(12.0).reshape(6, 2)
+    np.testing.assert_allclose(res.totals(values), w @ values)
+    assert all(not block.flags.writeable for block in res.blocks)  # shared by every analysis of the split
+
+
+def test_the_same_seed_gives_the_same_resamples_and_intervals(tied_data):
+    y, p = tied_data
+    clusters = np.arange(len(y)) // 3
+    a = scores(y, p, bootstrap_resamples(clusters, 120, seed=9))["boot"]
+    b = scores(y, p, bootstrap_resamples(clusters, 120, seed=9))["boot"]
+    c = scores(y, p, bootstrap_resamples(clusters, 120, seed=10))["boot"]
+    for m in METRICS:
+        np.testing.assert_array_equal(a["macro"][m], b["macro"][m])
+        assert not np.array_equal(a["macro"][m], c["macro"][m], equal_nan=True)
+
+
+def test_row_weights_and_resamples_give_the_same_values(tied_data):
+    """Dense row weights (every row its own cluster), patient resamples, and the float64 path
+    taken for weights that are not integers, all agree on integer weights."""
+    from tools.metrics import Resamples
+
+    y, p = tied_data
+    clusters = np.arange(len(y)) // 2
+    res = bootstrap_resamples(clusters, 40, seed=1)
+    w = res.weights()
+    inexact = Resamples(np.arange(len(y)), w.T.astype(np.float64), integral=False)
+    assert res.exact_dtype(1) == np.float32 and inexact.exact_dtype(1) == np.float64
+    ref = scores(y, p, res)["boot"]
+    for other in (w, inexact):
+        got = scores(y, p, other)["boot"]
+        for m in METRICS:
+            np.testing.assert_allclose(got["micro"][m], ref["micro"][m], rtol=0, atol=1e-12)
+            for j in range(3):
+                np.testing.assert_allclose(got["per_class"][j][m], ref["per_class"][j][m], rtol=0, atol=1e-12)
+
+
+def test_cumulative_sums_in_blocks_equal_numpy():
+    from tools.metrics import accumulate_rows, count_at_most, cumsum_rows
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 64, 65, 255, 256, 1000, 5003):
+        x = rng.integers(0, 9, (n, 5)).astype(np.float32)
+        np.testing.assert_array_equal(cumsum_rows(x.copy()), np.cumsum(x, axis=0))
+        limit = rng.integers(-1, 9 * n, 5).astype(np.float32)
+        cum = np.cumsum(x, axis=0)
+        np.testing.assert_array_equal(count_at_most(cum, limit), (cum <= limit).sum(axis=0))
+        z = rng.random((n, 3))
+        np.testing.assert_array_equal(accumulate_rows(z.copy(), np.minimum), np.minimum.accumulate(z, axis=0))
+
+
+def test_a_two_valued_column_has_opposite_gaps_on_the_same_resamples(tied_data):
+    """With two groups, each is the other's rest: the gaps are exact opposites, resample by resample."""
+    from tools.slicing import group_metrics
+
+    y, p = tied_data
+    df = pd.DataFrame({"g": np.where(np.arange(len(y)) % 3 == 0, "a", "b")})
+    result = group_metrics(df, y, p, LABELS, "g", np.arange(len(y)) // 2, n_boot=200, seed=4)
+    a, b = result["groups"]["a"]["gap_to_rest"], result["groups"]["b"]["gap_to_rest"]
+    for m in METRICS:
+        assert a["macro"][m] == pytest.approx(-b["macro"][m], abs=1e-12)
+        assert a["macro"]["ci95"][m] == pytest.approx([-b["macro"]["ci95"][m][1], -b["macro"]["ci95"][m][0]], abs=1e-12)

@@ -218,3 +218,57 @@ def test_plot_risk_coverage_writes_a_png_atomically(tmp_path):
                            random_risk=1 - correct.mean())
     read_figure(out)
     assert [f.name for f in tmp_path.iterdir()] == [out.name]
+
+
+# ====== resamples ======
+
+@pytest.mark.parametrize("n_levels", [None, 8])
+def test_every_resample_equals_the_summary_of_its_repeated_decisions(n_levels):
+    """AURC, E-AURC and coverage at each target risk of a few patient resamples against
+    selective_summary on the resample's decisions repeated by their multiplicity."""
+    from tools.metrics import bootstrap_resamples
+
+    rng = np.random.default_rng(4)
+    n = 300
+    probs = rng.random((n, 2))
+    if n_levels:
+        probs = np.round(probs * n_levels) / n_levels
+    y = (rng.random((n, 2)) < 0.2 + 0.6 * probs).astype(float)
+    y[rng.random((n, 2)) < 0.1] = np.nan
+    conf, correct = sel.known_decisions(sel.confidence_from_probs(probs), probs, y)
+    rows = np.nonzero(~np.isnan(y))[0]
+    resamples = bootstrap_resamples(rng.integers(0, 90, n), 5, seed=2)
+    boot = sel.selective_resamples(conf, correct, rows, resamples)
+    dense = sel.selective_resamples(conf, correct, rows, resamples.weights())
+    for b, w in enumerate(resamples.weights()):
+        keep = np.repeat(np.arange(len(rows)), w[rows].astype(int))
+        direct = sel.selective_summary(conf[keep], correct[keep])
+        assert boot["aurc"][b] == pytest.approx(direct["aurc"], abs=1e-12)
+        assert boot["e_aurc"][b] == pytest.approx(direct["e_aurc"], abs=1e-12)
+        assert dense["aurc"][b] == boot["aurc"][b]
+        for key, values in boot["coverage_at_risk"].items():
+            expected = direct["coverage_at_risk"][key]["coverage"]
+            assert (np.isnan(values[b]) if expected is None else values[b] == pytest.approx(expected, abs=1e-15))
+
+
+def test_resampled_aurc_is_reproducible_from_the_seed():
+    from tools.metrics import bootstrap_resamples
+
+    conf, correct = random_decisions(200, seed=3, n_levels=6)
+    rows = np.arange(200) // 2
+    clusters = np.arange(100) // 2
+
+    def run(seed):
+        return sel.selective_resamples(conf, correct, rows, bootstrap_resamples(clusters, 50, seed))["aurc"]
+
+    np.testing.assert_array_equal(run(1), run(1))
+    assert not np.array_equal(run(1), run(2))
+
+
+def test_same_ranking_needs_the_same_order_and_the_same_ties():
+    a = np.array([0.9, 0.7, 0.7, 0.6])
+    assert sel.same_ranking(a, a ** 3)  # a monotone transform keeps order and ties
+    assert not sel.same_ranking(a, np.array([0.9, 0.7, 0.69, 0.6]))  # a tie broken
+    assert not sel.same_ranking(np.array([0.9, 0.7, 0.69, 0.6]), a)  # a tie made
+    assert not sel.same_ranking(a, a[::-1])
+    assert not sel.same_ranking(a, a[:3])

@@ -2,7 +2,8 @@
 ratios on this machine in one run.
 
 Every number is a ratio of two measurements taken in the same run, on images the bench makes
-itself in a temporary folder, so no absolute time is asserted anywhere. Warm-up passes are not
+itself in a temporary folder, so no absolute time is asserted anywhere but in item 7, whose
+target is the time of the analyses on a table the size of ChestX-ray14 (under 60 s). Warm-up passes are not
 counted. The two sides of each ratio are measured interleaved (A, B, A, B), in pieces of about
 one batch or a few passes, so that load from other jobs hits both; a ratio is the median over
 repeats of the two sides' times in the same repeat. Other jobs' share of the cores is measured
@@ -20,8 +21,10 @@ Items:
 1. ``predict`` as the suite runs it (cached uint8 pixels, precision auto, channels_last,
    inference_mode, its default inference batch) against a plain loop (decode the PNG each time,
    resize, normalise in float, fp32 NCHW model under ``no_grad``, ``--batch-size``): ratio of
-   images/s; where the two batch sizes differ, also the suite at ``--batch-size``; and the logit
-   and AUROC difference between the two precisions on the same images.
+   images/s; where the two batch sizes differ, also the suite at ``--batch-size``; the suite at
+   fp32 and at bf16 side by side where the hardware has native bf16 (else the bf16 row says it is
+   not supported here); and the logit and AUROC difference between the two precisions on the
+   same images.
 2. Time the model waits for data, as a fraction of model time, with a cold cache (the store is
    built first) and a warm cache (the store is on disk and reused).
 3. Calibrate-style MC-Dropout (clean pass with features + 30 head samples) against a clean pass.
@@ -29,6 +32,14 @@ Items:
    and against 13 x one clean pass on the cached store.
 5. Passes of the model over the test split in ``main.py valtool``, counted by wrapping ``predict``.
 6. On the films: cache build rate, cached read rate and plain decode rate.
+7. Analyses at scale: what eval, calibrate and selective compute from a predictions table the size
+   of ChestX-ray14 (``--scale-rows`` films of patients with about 3.7 films each, its 14 findings
+   at their prevalence, synthetic scores, group columns view, sex and age) with
+   ``--scale-resamples`` patient resamples, against a per-resample loop (scikit-learn with row
+   weights, the suite's unweighted calibration and risk-coverage functions on the resampled rows)
+   over ``--reference-resamples`` of the same resamples, extrapolated to all of them and stated as
+   such; the suite's values on those resamples are checked against the loop's; and the three
+   stages writing their files and figures from the same table. ``--analyses`` runs this item only.
 
 ``--gpu`` (CUDA only) instead measures eval images/s at batch 256 in bf16 + channels_last, with
 and without ``torch.compile``, and the warm-cache data-wait fraction.
@@ -46,6 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +70,11 @@ LABELS = list(DEFAULT_LABELS)
 MC_SAMPLES = 30
 VALTOOL_TTA, VALTOOL_MC, VALTOOL_BOOTSTRAP = 2, 5, 50
 GPU_BATCH = 256
-FULL = {"n_images": 192, "image_size": 224, "n_films": 96, "film_size": 1024, "repeats": 3}
-QUICK = {"n_images": 16, "image_size": 64, "n_films": 8, "film_size": 256, "repeats": 2}
-GPU = {"n_images": 4096, "image_size": 224, "n_films": 0, "film_size": 1024, "repeats": 5}
+SCALE = {"scale_rows": 112_120, "scale_resamples": 1000, "reference_resamples": 10}
+FULL = {"n_images": 192, "image_size": 224, "n_films": 96, "film_size": 1024, "repeats": 3, **SCALE}
+QUICK = {"n_images": 16, "image_size": 64, "n_films": 8, "film_size": 256, "repeats": 2,
+         "scale_rows": 3000, "scale_resamples": 100, "reference_resamples": 2}
+GPU = {"n_images": 4096, "image_size": 224, "n_films": 0, "film_size": 1024, "repeats": 5, **SCALE}
 
 
 # ====== measuring ======
@@ -399,6 +413,10 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
         small = b.run("demo", batch_size=b.opts.batch_size)  # the suite at the plain loop's batch size
         sides["predict_small_batch"] = lambda k: clean_pass(small, fast, parts[k],
                                                             desc=f"predict b{b.opts.batch_size}")
+    other = "bf16" if b.precision == "fp32" else "fp32"  # the precision auto did not choose, where supported
+    if precision_support(b.device)[other] is None:
+        at_other = replace(run, precision=other)
+        sides[f"predict_{other}"] = lambda k: clean_pass(at_other, fast, parts[k], desc=f"predict {other}")
     for fn in sides.values():  # every batch shape once: the first and the last chunk
         fn(0), fn(len(parts) - 1)
     times = in_chunks(sides, len(parts), b.opts.repeats, b.device)
@@ -423,7 +441,28 @@ def item_predict(b: Bench, csv: Path) -> tuple[dict, torch.nn.Module]:
         result["predict_at_plain_batch_img_s"] = n / median(times["predict_small_batch"])
         result["ratio_at_plain_batch"] = paired_ratio(times["plain"], times["predict_small_batch"])
         result["timings"][f"predict_batch{b.opts.batch_size}_s"] = times["predict_small_batch"]
+    result["precisions"] = {}
+    for precision, why_not in precision_support(b.device).items():
+        side = "predict" if precision == b.precision else f"predict_{precision}"
+        if side not in times:
+            result["precisions"][precision] = {"supported": False, "note": f"not supported here: {why_not}"}
+            continue
+        result["precisions"][precision] = {"supported": True, "img_s": n / median(times[side]),
+                                           "ratio_vs_plain_fp32": paired_ratio(times["plain"], times[side])}
+        result["timings"][f"predict_{precision}_s"] = times[side]
     return result, fast
+
+
+def precision_support(device: torch.device) -> dict:
+    """{"fp32": None, "bf16": None or why this device lacks native bf16}: the precisions the
+    model passes are measured at side by side."""
+    from tools.runtime import cpu_has_bf16
+
+    if device.type == "cuda":
+        bf16 = None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+    else:
+        bf16 = None if cpu_has_bf16() else "this CPU has neither AVX-512 BF16 nor AMX"
+    return {"fp32": None, "bf16": bf16}
 
 
 def data_wait(b: Bench, csv: Path, model, cache: str, batch_size=None) -> dict:
@@ -588,6 +627,287 @@ def item_film_io(b: Bench, csv: Path) -> dict:
             "timings": {"build_s": times["build"], f"read_x{reads}_s": times["read"], "decode_s": times["decode"]}}
 
 
+# ====== the analyses at scale ======
+
+# ChestX-ray14 (Wang et al., CVPR 2017): 112,120 frontal films of 30,805 patients; films per finding.
+CXR14_FINDINGS = {"Atelectasis": 11559, "Cardiomegaly": 2776, "Consolidation": 4667, "Edema": 2303,
+                  "Effusion": 13317, "Emphysema": 2516, "Fibrosis": 1686, "Hernia": 227, "Infiltration": 19894,
+                  "Mass": 5782, "Nodule": 6331, "Pleural_Thickening": 3385, "Pneumonia": 1431, "Pneumothorax": 5302}
+CXR14_FILMS, CXR14_PATIENTS = 112_120, 30_805
+SCALE_GROUP_COLS = ("view", "sex", "age")
+SCALE_PARTS = ("eval", "calibrate", "selective")
+
+
+def scale_table(rows: int, seed: int) -> dict:
+    """A synthetic predictions table shaped like ChestX-ray14: ``rows`` films, patients drawn so a
+    patient has about 3.7 of them, the 14 findings at their ChestX-ray14 prevalence, logits that
+    separate positives from negatives (AUROC about 0.87), and the group columns view (PA/AP),
+    sex and age (numeric, sliced into quartiles)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    labels = list(CXR14_FINDINGS)
+    prevalence = np.array([CXR14_FINDINGS[lbl] / CXR14_FILMS for lbl in labels])
+    patient = rng.integers(0, max(1, round(rows * CXR14_PATIENTS / CXR14_FILMS)), rows)
+    y = (rng.random((rows, len(labels))) < prevalence).astype(float)
+    logits = np.log(prevalence / (1 - prevalence)) + 1.6 * (y - prevalence) + rng.normal(0, 1, y.shape)
+    df = pd.DataFrame({"image_path": [f"images/{i:06d}.png" for i in range(rows)],
+                       "patient_id": [f"p{i:05d}" for i in patient],
+                       "view": np.where(rng.random(rows) < 0.4, "AP", "PA"),
+                       "sex": np.where(rng.random(rows) < 0.56, "M", "F"), "age": rng.integers(1, 95, rows)})
+    return {"labels": labels, "df": df, "y": y, "logits": logits, "probs": 1 / (1 + np.exp(-logits)),
+            "clusters": df["patient_id"].to_numpy()}
+
+
+class ScaleAnalyses:
+    """The numbers eval, calibrate and selective compute from a predictions table (metrics,
+    slices with gaps, calibration, risk-coverage, all with patient-bootstrap intervals), without
+    their files and figures; one method per command. ``test``: the table analysed; ``calib``: the
+    table the temperature is fitted on."""
+
+    def __init__(self, test: dict, calib: dict, n_boot: int, seed: int):
+        self.test, self.calib, self.n_boot, self.seed = test, calib, n_boot, seed
+
+    def eval(self) -> dict:
+        from tools.findings import slice_tests
+        from tools.metrics import Ranked, metrics_with_ci
+        from tools.slicing import group_metrics
+
+        t = self.test
+        ranked = Ranked(t["y"], t["probs"])
+        out = {"metrics": metrics_with_ci(t["y"], t["probs"], t["labels"], t["clusters"], self.n_boot, self.seed, "test",
+                                          ranked)}
+        for col in SCALE_GROUP_COLS:
+            out[col] = group_metrics(t["df"], t["y"], t["probs"], t["labels"], col, t["clusters"], 30, self.n_boot,
+                                     self.seed, ranked)
+            out[f"{col}_tests"] = slice_tests(out[col], t["labels"])
+        return out
+
+    def temperature(self):
+        from tools.calibration import fit_temperature
+        from tools.stages.calibrate import TemperatureFit
+
+        c = self.calib
+        return TemperatureFit(fit_temperature(c["logits"], c["y"]), "calib", c["logits"], c["y"], c["clusters"])
+
+    def calibrate(self) -> dict:
+        from tools.calibration import apply_temperature, calibration_report
+        from tools.metrics import sigmoid
+        from tools.splits import SplitData
+        from tools.stages.calibrate import calibration_intervals
+
+        t, fit = self.test, self.temperature()
+        cal = sigmoid(apply_temperature(t["logits"], fit.temperature))
+        before, after = calibration_report(t["probs"], t["y"], t["labels"]), calibration_report(cal, t["y"], t["labels"])
+        data = SplitData("test", t["df"], [], t["y"], None)
+        change = after["ece"] - before["ece"]
+        return {"before": before, "after": after,
+                **calibration_intervals(data, t["probs"], cal, t["labels"], fit, change, self.n_boot, self.seed)}
+
+    def selective(self) -> dict:
+        from tools.metrics import bootstrap_resamples
+        from tools.selective import known_decisions, risk_coverage, same_ranking, selective_resamples, summary_of_curve
+        from tools.stages.selective import confidence_signals, selective_intervals
+
+        t = self.test
+        resamples = bootstrap_resamples(t["clusters"], self.n_boot, self.seed)
+        rows = np.nonzero(~np.isnan(t["y"]))[0]
+        summaries, boot, ranked = {}, {}, {}
+        for name, confidence in confidence_signals(t["logits"], self.temperature().temperature).items():
+            conf, correct = known_decisions(confidence, t["probs"], t["y"])
+            summaries[name] = summary_of_curve(risk_coverage(conf, correct), correct)
+            twin = next((other for other, c in ranked.items() if same_ranking(c, conf)), None)
+            boot[name] = boot[twin] if twin else selective_resamples(conf, correct, rows, resamples)
+            ranked[name] = conf
+            summaries[name]["per_label"] = {
+                lbl: summary_of_curve(risk_coverage(*known_decisions(confidence[:, j], t["probs"][:, j], t["y"][:, j])),
+                                      known_decisions(confidence[:, j], t["probs"][:, j], t["y"][:, j])[1])
+                for j, lbl in enumerate(t["labels"])}
+        return {"signals": summaries, "comparisons": selective_intervals(summaries, boot)}
+
+
+def _sklearn_four(y, p, w) -> list[float]:
+    """AUROC, AUPRC, F1@0.5 and sens@95spec of one label with scikit-learn, rows weighted by
+    ``w`` (rows of weight 0 left out, NaN labels masked)."""
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
+
+    keep = ~np.isnan(y) & (w > 0)
+    y, p, w = y[keep], p[keep], w[keep]
+    f1 = float(f1_score(y, p >= 0.5, sample_weight=w, zero_division=np.nan)) if len(y) else float("nan")
+    if len(np.unique(y)) < 2:
+        return [np.nan, np.nan, f1, np.nan]
+    fpr, tpr, _ = roc_curve(y, p, sample_weight=w, drop_intermediate=False)
+    return [roc_auc_score(y, p, sample_weight=w), average_precision_score(y, p, sample_weight=w), f1,
+            float(tpr[fpr <= 0.05 + 1e-12].max())]
+
+
+class ReferenceLoop:
+    """The same numbers as :class:`ScaleAnalyses`, one resample at a time: scikit-learn with row
+    weights for AUROC, AUPRC, F1 and sensitivity (every label, the micro average, every group and
+    every rest), the suite's unweighted ECE, NLL, Brier, temperature fit and risk-coverage summary
+    on the resample's rows repeated by their multiplicity. Each method returns, per resample, the
+    values that the suite's resamples can be checked against."""
+
+    def __init__(self, test: dict, calib: dict, weights: np.ndarray, calib_weights: np.ndarray):
+        self.test, self.calib, self.weights, self.calib_weights = test, calib, weights, calib_weights
+
+    def _metrics(self, y, p, w, micro=True) -> list[float]:
+        out = [v for j in range(y.shape[1]) for v in _sklearn_four(y[:, j], p[:, j], w)]
+        if micro:
+            rows, cols = np.nonzero(~np.isnan(y))
+            out += _sklearn_four(y[rows, cols], p[rows, cols], w[rows])
+        return out
+
+    def eval(self) -> list:
+        from tools.slicing import group_values
+
+        t, out = self.test, []
+        for w in self.weights:
+            values = self._metrics(t["y"], t["probs"], w)
+            out.append(values)
+            for col in SCALE_GROUP_COLS:
+                groups, _ = group_values(t["df"][col])
+                for value in np.unique(groups):
+                    m = groups == value
+                    self._metrics(t["y"][m], t["probs"][m], w[m])
+                    self._metrics(t["y"][~m], t["probs"][~m], w[~m], micro=False)
+        return out
+
+    def calibrate(self) -> list:
+        from tools.calibration import apply_temperature, ece, fit_temperature, nll
+        from tools.calibration import brier as brier_score
+        from tools.metrics import sigmoid
+
+        t, c, out = self.test, self.calib, []
+        temperature = fit_temperature(c["logits"], c["y"])
+        cal = sigmoid(apply_temperature(t["logits"], temperature))
+        for w, wc in zip(self.weights, self.calib_weights):
+            rows = np.repeat(np.arange(len(w)), w.astype(int))
+            out.append([f(p[rows], t["y"][rows]) for p in (t["probs"], cal) for f in (ece, nll, brier_score)])
+            fit_rows = np.repeat(np.arange(len(wc)), wc.astype(int))
+            fit_temperature(c["logits"][fit_rows], c["y"][fit_rows])
+        return out
+
+    def selective(self) -> list:
+        from tools.calibration import fit_temperature
+        from tools.selective import known_decisions, selective_summary
+        from tools.stages.selective import confidence_signals
+
+        t, out = self.test, []
+        signals = confidence_signals(t["logits"], fit_temperature(self.calib["logits"], self.calib["y"]))
+        decisions = {name: known_decisions(conf, t["probs"], t["y"]) for name, conf in signals.items()}
+        rows = np.nonzero(~np.isnan(t["y"]))[0]
+        for w in self.weights:
+            values = []
+            for conf, correct in decisions.values():
+                keep = np.repeat(np.arange(len(rows)), w[rows].astype(int))
+                s = selective_summary(conf[keep], correct[keep])
+                values += [s["aurc"], s["e_aurc"]]
+            out.append(values)
+        return out
+
+
+def suite_resample_values(test: dict, calib: dict, resamples) -> dict:
+    """The suite's values on ``resamples`` for the numbers :class:`ReferenceLoop` returns: the
+    whole table's metrics (per label, then micro), ECE/NLL/Brier before and after temperature
+    scaling, AURC and E-AURC per signal; each (resamples, values)."""
+    from tools.calibration import apply_temperature, calibration_resamples, fit_temperature
+    from tools.metrics import METRICS, scores, sigmoid
+    from tools.selective import known_decisions, selective_resamples
+    from tools.stages.selective import confidence_signals
+
+    boot = scores(test["y"], test["probs"], resamples)["boot"]
+    blocks = [*boot["per_class"], boot["micro"]]
+    temperature = fit_temperature(calib["logits"], calib["y"])
+    cal = sigmoid(apply_temperature(test["logits"], temperature))
+    calibration = [calibration_resamples(p, test["y"], resamples) for p in (test["probs"], cal)]
+    rows = np.nonzero(~np.isnan(test["y"]))[0]
+    selective = []
+    for conf in confidence_signals(test["logits"], temperature).values():
+        s = selective_resamples(*known_decisions(conf, test["probs"], test["y"]), rows, resamples)
+        selective += [s["aurc"], s["e_aurc"]]
+    return {"eval": np.column_stack([b[m] for b in blocks for m in METRICS]),
+            "calibrate": np.column_stack([c[k] for c in calibration for k in ("ece", "nll", "brier")]),
+            "selective": np.column_stack(selective)}
+
+
+def write_stages(tmp: Path, test: dict, calib: dict, n_boot: int, seed: int) -> dict:
+    """Seconds (wall) of the eval, calibrate and selective stages writing their files and figures
+    from the predictions, as the commands do after reading the CSV."""
+    from tools.metrics import sigmoid
+    from tools.runtime import Run
+    from tools.splits import SplitData
+    from tools.stages.calibrate import write_calibration
+    from tools.stages.evaluate import write_evaluation
+    from tools.stages.selective import confidence_signals, write_selective
+
+    data = SplitData("test", test["df"], list(test["df"]["image_path"]), test["y"], None)
+    run = Run(tmp / "stages", seed=seed)
+    fit = ScaleAnalyses(test, calib, n_boot, seed).temperature()
+    steps = {"eval": lambda: write_evaluation(run.stage("eval"), data, test["logits"], test["labels"], SCALE_GROUP_COLS,
+                                              30, n_boot),
+             "calibrate": lambda: write_calibration(run.stage("calibrate"), data, test["logits"], test["labels"], fit,
+                                                    None, None, None, n_boot),
+             "selective": lambda: write_selective(run.stage("selective"), data, sigmoid(test["logits"]), test["labels"],
+                                                  confidence_signals(test["logits"], fit.temperature), "maxprob", n_boot)}
+    seconds = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for name, step in steps.items():
+            seconds[name] = timed(step, torch.device("cpu"))[1]
+    return seconds
+
+
+def item_analyses(b: Bench) -> dict:
+    """7. The analyses of eval, calibrate and selective on a ChestX-ray14-sized predictions table
+    (``--scale-rows`` x 14 labels, 3 group columns, ``--scale-resamples`` patient resamples) against
+    a per-resample scikit-learn loop over ``--reference-resamples`` of the same resamples,
+    extrapolated to all of them. Interleaved command by command (the suite's, then the loop's);
+    the kept bootstrap draws are dropped first, so one draw per split is counted, as in one
+    valtool run. Sanity: the suite's values on the loop's resamples against the loop's. Then the
+    three stages writing their files from the same table (draws dropped again)."""
+    from tools.metrics import bootstrap_resamples, forget_draws
+
+    n_boot, n_ref, seed = b.opts.scale_resamples, b.opts.reference_resamples, b.opts.seed
+    small, small_calib = scale_table(400, seed + 2), scale_table(100, seed + 3)
+    warm_loop = ReferenceLoop(small, small_calib, bootstrap_resamples(small["clusters"], 1, seed).weights(),
+                              bootstrap_resamples(small_calib["clusters"], 1, seed).weights())
+    for part in SCALE_PARTS:  # warm-up (not counted): imports and first calls
+        getattr(ScaleAnalyses(small, small_calib, 20, seed), part)()
+        getattr(warm_loop, part)()
+    test, calib = scale_table(b.opts.scale_rows, seed), scale_table(max(100, b.opts.scale_rows // 10), seed + 1)
+    suite = ScaleAnalyses(test, calib, n_boot, seed)
+    res = bootstrap_resamples(test["clusters"], n_boot, seed)
+    first = res.head(n_ref)
+    calib_first = bootstrap_resamples(calib["clusters"], n_boot, seed + 1).head(n_ref)
+    loop = ReferenceLoop(test, calib, first.weights(), calib_first.weights())
+    forget_draws()
+    wall, cpu, ref, ref_values = {}, {}, {}, {}
+    for part in SCALE_PARTS:
+        start_cpu = time.process_time()
+        wall[part] = timed(getattr(suite, part), b.device)[1]
+        cpu[part] = time.process_time() - start_cpu
+        ref_values[part], ref[part] = timed(getattr(loop, part), b.device)
+    checked = suite_resample_values(test, calib, first)
+    diff = {part: float(np.nanmax(np.abs(checked[part] - np.asarray(ref_values[part], float)), initial=0.0))
+            for part in SCALE_PARTS}
+    nan_agree = all(np.array_equal(np.isnan(checked[p]), np.isnan(np.asarray(ref_values[p], float))) for p in SCALE_PARTS)
+    suite_s = sum(wall.values())
+    reference_s = sum(ref.values()) * n_boot / n_ref
+    forget_draws()
+    files = write_stages(b.tmp, test, calib, n_boot, seed)
+    return {"name": "analyses at scale vs per-resample scikit-learn loop", "rows": len(test["y"]),
+            "labels": len(test["labels"]), "patients": int(len(np.unique(test["clusters"]))),
+            "group_cols": list(SCALE_GROUP_COLS), "resamples": n_boot, "reference_resamples": n_ref,
+            "suite_s": suite_s, "reference_s_extrapolated": reference_s, "ratio": reference_s / suite_s,
+            "target": "<= 60 s (suite)", "met": bool(suite_s <= 60.0),
+            "suite_cpu_s": sum(cpu.values()), "stages_with_files_s": sum(files.values()),
+            "sanity": {"max_abs_diff": diff, "undefined_agree": nan_agree,
+                       "note": "suite's resampled values against the loop's on the same resamples"},
+            "timings": {**{f"suite_{k}_s": v for k, v in wall.items()}, **{f"suite_{k}_cpu_s": v for k, v in cpu.items()},
+                        **{f"reference_{k}_s_per_resample": v / n_ref for k, v in ref.items()},
+                        **{f"stage_{k}_with_files_s": v for k, v in files.items()}}}
+
+
 # ====== the GPU mode ======
 
 def gpu_bench(b: Bench, csv: Path) -> dict:
@@ -656,6 +976,12 @@ def table_rows(items: dict) -> list[list]:
             rows.append(["1b", f"same, the suite at --batch-size {p['plain'].rsplit(' ', 1)[1]}",
                          f"{p['predict_at_plain_batch_img_s']:.2f} img/s", f"{p['plain_img_s']:.2f} img/s",
                          f"{p['ratio_at_plain_batch']:.2f}x", "", None])
+        for precision, at in p.get("precisions", {}).items():
+            if at["supported"]:
+                rows.append([f"1 {precision}", f"predict at {precision} vs plain fp32 loop", f"{at['img_s']:.2f} img/s",
+                             f"{p['plain_img_s']:.2f} img/s", f"{at['ratio_vs_plain_fp32']:.2f}x", "", None])
+            else:
+                rows.append([f"1 {precision}", f"predict at {precision}: {at['note']}", "", "", "", "", None])
         rows.append(["1c", "sanity: suite vs fp32 logits", f"max |dlogit| {s['max_abs_logit_diff']:.3g}",
                      f"AUROC {s['macro_auroc_suite']:.3f} vs {s['macro_auroc_plain_fp32']:.3f}",
                      f"agree {s['decisions_agree']:.3f}", "", None])
@@ -689,6 +1015,23 @@ def table_rows(items: dict) -> list[list]:
                      f"{f['decode_img_s']:.1f} img/s", f"{f['build_img_s'] / f['decode_img_s']:.2f}x", "", None])
         rows.append(["6b", "cached read / plain decode", f"{f['read_img_s']:.0f} img/s",
                      f"{f['decode_img_s']:.1f} img/s", f"{f['ratio']:.0f}x", "", None])
+    a = items.get("analyses")
+    if a:
+        t = a["timings"]
+        rows.append(["7", f"analyses {a['rows']:,} x {a['labels']}, {len(a['group_cols'])} group cols, {a['resamples']} "
+                          f"resamples vs sklearn loop ({a['reference_resamples']} resamples x"
+                          f"{a['resamples'] / a['reference_resamples']:g})",
+                     f"{a['suite_s']:.1f} s", f"{a['reference_s_extrapolated']:.0f} s", f"{a['ratio']:.0f}x",
+                     a["target"], a["met"]])
+        rows.append(["7b", "suite, s per command: eval / calibrate / selective; CPU s",
+                     " / ".join(f"{t[f'suite_{k}_s']:.1f}" for k in SCALE_PARTS),
+                     f"CPU {a['suite_cpu_s']:.1f} s", "", "", None])
+        worst = max(a["sanity"]["max_abs_diff"].values())
+        rows.append(["7c", "sanity: suite vs loop on the loop's resamples", f"max |diff| {worst:.2g}",
+                     f"undefined agree: {a['sanity']['undefined_agree']}", "", "", None])
+        rows.append(["7d", "the three stages writing their files and figures, s",
+                     " / ".join(f"{t[f'stage_{k}_with_files_s']:.1f}" for k in SCALE_PARTS),
+                     f"{a['stages_with_files_s']:.1f} s", "", "", None])
     g = items.get("gpu")
     if g:
         rows.append(["G", f"eval batch {g['batch']} {g['precision']}+channels_last, eager", f"{g['eager_img_s']:.0f} img/s",
@@ -719,6 +1062,15 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--n-films", type=int, default=None, help=f"PNG films for items 2, 4, 6 (full {FULL['n_films']})")
     size.add_argument("--film-size", type=int, default=None, help=f"film side in px (full {FULL['film_size']})")
     size.add_argument("--repeats", type=int, default=None, help=f"timed repeats per side (full {FULL['repeats']})")
+    scale = parser.add_argument_group("analyses at scale (item 7)")
+    scale.add_argument("--analyses", action="store_true",
+                       help="run only item 7: eval, calibrate and selective on a ChestX-ray14-sized predictions table")
+    scale.add_argument("--scale-rows", type=int, default=None, help=f"films of the table (full {SCALE['scale_rows']})")
+    scale.add_argument("--scale-resamples", type=int, default=None,
+                       help=f"patient resamples of the analyses (full {SCALE['scale_resamples']})")
+    scale.add_argument("--reference-resamples", type=int, default=None,
+                       help=f"resamples the per-resample scikit-learn loop runs, extrapolated to all "
+                            f"(full {SCALE['reference_resamples']})")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the plain loop (item 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
     parser.add_argument("--gpu", action="store_true",
@@ -736,12 +1088,17 @@ def resolve_options(opts) -> argparse.Namespace:
             setattr(opts, key, value)
     for flag, value, low in (("--n-images", opts.n_images, 8), ("--image-size", opts.image_size, 32),
                              ("--repeats", opts.repeats, 1), ("--batch-size", opts.batch_size, 1),
-                             ("--film-size", opts.film_size, 32)):
+                             ("--film-size", opts.film_size, 32), ("--scale-rows", opts.scale_rows, 100),
+                             ("--scale-resamples", opts.scale_resamples, 10),
+                             ("--reference-resamples", opts.reference_resamples, 1)):
         if value < low:
             raise UserError(f"{flag} {value}: must be at least {low}")
     if not opts.gpu and opts.n_films < 1:
         raise UserError(f"--n-films {opts.n_films}: must be at least 1")
-    if opts.gpu and not torch.cuda.is_available():
+    if opts.reference_resamples > opts.scale_resamples:
+        raise UserError(f"--reference-resamples {opts.reference_resamples}: at most --scale-resamples "
+                        f"({opts.scale_resamples})")
+    if opts.gpu and not opts.analyses and not torch.cuda.is_available():
         raise UserError("--gpu: no CUDA device is available here; run `python -m tools.bench` without --gpu "
                         "for the CPU measurements, or run --gpu on a GPU machine")
     return opts
@@ -770,15 +1127,17 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
     from tools.runtime import resolve_device, resolve_precision
     from tools.make_demo_data import make_demo_dataset
 
-    device = resolve_device("cuda" if opts.gpu else "cpu")
+    device = resolve_device("cuda" if opts.gpu and not opts.analyses else "cpu")
     bench = Bench(opts, tmp, device, resolve_precision("auto", device))
     doc = {"machine": machine_info(device, bench.precision), "options": vars(opts), "items": {}}
     with OtherLoad() as idle:  # one quiet second: is anything else running?
         time.sleep(1.0)
     doc["machine"]["other_jobs_cpu_share_at_start"] = idle.fraction
     workers = (os.cpu_count() or 1) if opts.gpu else 1
-    demo_csv = Path(make_demo_dataset(tmp / "demo", n=opts.n_images, seed=opts.seed, size=256, workers=workers))
-    steps = [("gpu", lambda: gpu_bench(bench, demo_csv))] if opts.gpu else None
+    steps = [("analyses", lambda: item_analyses(bench))] if opts.analyses else None
+    if steps is None:
+        demo_csv = Path(make_demo_dataset(tmp / "demo", n=opts.n_images, seed=opts.seed, size=256, workers=workers))
+        steps = [("gpu", lambda: gpu_bench(bench, demo_csv))] if opts.gpu else None
     if steps is None:
         films_csv = make_films(demo_csv, tmp / "films", opts.n_films, opts.film_size)
         state = {}
@@ -794,7 +1153,8 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
                  ("film_io", lambda: item_film_io(bench, films_csv)),
                  # last: valtool's case studies start OpenCV's thread pool in this process, after
                  # which a forked loader worker hangs in worker_init (see make_films)
-                 ("valtool_passes", lambda: item_valtool_passes(bench, demo_csv, state["model"]))]
+                 ("valtool_passes", lambda: item_valtool_passes(bench, demo_csv, state["model"])),
+                 ("analyses", lambda: item_analyses(bench))]
     for key, step in steps:
         start = time.perf_counter()
         with OtherLoad() as load:

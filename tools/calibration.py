@@ -35,7 +35,7 @@ Brier score: mean of ``(p - y) ** 2`` over known pairs.
 
 import numpy as np
 
-from tools.metrics import binary_metrics
+from tools.metrics import Resamples, binary_metrics
 
 N_BINS = 15
 PROB_CLIP = 1e-7
@@ -280,47 +280,47 @@ def error_detection_auroc(spread, probs, y):
 # ====== intervals ======
 
 def calibration_resamples(probs, y, weights, n_bins=N_BINS) -> dict:
-    """ECE, NLL and Brier score of ``probs`` on each bootstrap resample: ``weights`` (B, N) are row
-    multiplicities (a row's known pairs come along). Returns {"ece", "nll", "brier"}: arrays (B,).
+    """ECE, NLL and Brier score of ``probs`` on each bootstrap resample: ``weights`` are the
+    resamples of the N rows (:class:`tools.metrics.Resamples`, or multiplicities (B, N)); a row's
+    known pairs come along. Returns {"ece", "nll", "brier"}: arrays (B,).
 
-    The reliability bins of a pair do not depend on the resample, so each resample's bin sums are
-    one matrix product: ``|sum of p - sum of y|`` per bin, summed over bins and divided by the
+    The reliability bin of a pair does not depend on the resample, so every resample's sums of p
+    and y per bin, its number of pairs, NLL and Brier sums are one product of the counts with
+    per-row sums: ``|sum of p - sum of y|`` per bin, summed over bins and divided by the
     resample's number of pairs, is the ECE of :func:`ece` on that resample."""
     probs, y = _columns(probs), _columns(y)
-    w = np.asarray(weights, dtype=float)
+    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
     known = ~np.isnan(y)
     p = np.where(known, probs, 0.0)
     t = np.where(known, y, 0.0)
     _, idx = bin_index(p, n_bins)
-    sum_p = np.zeros((len(w), n_bins))
-    sum_y = np.zeros((len(w), n_bins))
-    for j in range(p.shape[1]):
-        onehot = np.zeros((len(p), n_bins))
-        onehot[np.flatnonzero(known[:, j]), idx[known[:, j], j]] = 1.0
-        sum_p += w @ (onehot * p[:, j:j + 1])
-        sum_y += w @ (onehot * t[:, j:j + 1])
+    rows, cols = np.nonzero(known)
+    cell = rows * n_bins + idx[rows, cols]
+    per_row = [np.bincount(cell, weights=v[rows, cols], minlength=len(p) * n_bins).reshape(len(p), n_bins)
+               for v in (p, t)]
     pc = np.clip(p, PROB_CLIP, 1.0 - PROB_CLIP)
     row_nll = np.where(known, -(t * np.log(pc) + (1.0 - t) * np.log1p(-pc)), 0.0).sum(1)
     row_brier = np.where(known, (p - t) ** 2, 0.0).sum(1)
-    total = w @ known.sum(1).astype(float)
+    sums = res.totals(np.column_stack([*per_row, known.sum(1), row_nll, row_brier]))
+    sum_p, sum_y, (total, nll_sum, brier_sum) = sums[:, :n_bins], sums[:, n_bins:2 * n_bins], sums[:, 2 * n_bins:].T
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"ece": np.abs(sum_p - sum_y).sum(1) / total, "nll": (w @ row_nll) / total,
-                "brier": (w @ row_brier) / total}
+        return {"ece": np.abs(sum_p - sum_y).sum(1) / total, "nll": nll_sum / total, "brier": brier_sum / total}
 
 
 def temperature_resamples(logits, y, weights, temperature, per_label=False, n_grid=97) -> np.ndarray:
-    """The temperature refitted on each bootstrap resample (``weights`` (B, N)): shape (B,), or
-    (B, L) with ``per_label``.
+    """The temperature refitted on each bootstrap resample (``weights``: the resamples of the N
+    rows, :class:`tools.metrics.Resamples` or multiplicities (B, N)): shape (B,), or (B, L) with
+    ``per_label``.
 
     The resample's NLL is linear in its weights, so on a grid of log T around the fitted value it
     is one matrix product for all resamples; each minimum is refined by a parabola through the
     best grid point and its neighbours (the NLL is convex in 1/T). A grid that a minimum touches
     at its end is widened, within [T_MIN, T_MAX]."""
     logits, y = _columns(logits), _columns(y)
-    w = np.asarray(weights, dtype=float)
+    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
     groups = [[j] for j in range(logits.shape[1])] if per_label else [list(range(logits.shape[1]))]
     fitted = np.atleast_1d(np.asarray(temperature, dtype=float))
-    out = np.empty((len(w), len(groups)))
+    out = np.empty((res.n_boot, len(groups)))
     for g, cols in enumerate(groups):
         centre, span = np.log(fitted[g if per_label else 0]), 0.5
         while True:
@@ -331,14 +331,14 @@ def temperature_resamples(logits, y, weights, temperature, per_label=False, n_gr
                 z = np.where(known, logits[:, j], 0.0)[:, None] * np.exp(-grid)[None, :]
                 t = np.where(known, y[:, j], 0.0)[:, None]
                 loss += np.where(known[:, None], np.logaddexp(0.0, z) - t * z, 0.0)
-            total = w @ loss
+            total = res.totals(loss)
             best = np.argmin(total, axis=1)
             at_edge = ((best == 0) & (grid[0] > np.log(T_MIN))) | ((best == n_grid - 1) & (grid[-1] < np.log(T_MAX)))
             if not at_edge.any() or span >= 8:
                 break
             span *= 2
         i = np.clip(best, 1, n_grid - 2)
-        rows = np.arange(len(w))
+        rows = np.arange(res.n_boot)
         f0, f1, f2 = total[rows, i - 1], total[rows, i], total[rows, i + 1]
         curve = f0 - 2 * f1 + f2
         with np.errstate(invalid="ignore", divide="ignore"):

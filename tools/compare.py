@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tools.metrics import METRICS, bootstrap_weights, percentile_ci, scores
+from tools.metrics import METRICS, bootstrap_resamples, percentile_ci, scores
 from tools.slicing import group_values
 from tools.stats import bootstrap_p, mover, score_interval
 from tools.table import find_name
@@ -110,10 +110,10 @@ def compare_table(y, prob_a, prob_b, labels, clusters, df=None, group_cols=(), n
     ``clusters`` (patient ids), ``n_boot`` times; ``n_boot=0`` gives point values only."""
     y, prob_a, prob_b = (np.asarray(v, float) for v in (y, prob_a, prob_b))
     _check_inputs(y, prob_a, prob_b, labels, clusters, df, group_cols)
-    weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
+    weights = bootstrap_resamples(clusters, n_boot, seed) if n_boot > 0 else None
 
     def pair(mask):  # both models' scores on the same rows and the same resamples
-        w = None if weights is None else weights[:, mask]
+        w = None if weights is None else weights.rows(mask)
         return scores(y[mask], prob_a[mask], w), scores(y[mask], prob_b[mask], w)
 
     rows = _rows(*pair(np.ones(len(y), bool)), labels)

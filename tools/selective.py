@@ -45,6 +45,7 @@ import pandas as pd
 from scipy.special import digamma
 
 from tools.calibration import decision_correct, none_if_nan
+from tools.metrics import Resamples, accumulate_rows, count_at_most, cumsum_rows, map_run_sums, run_numbers
 
 CURVE_COLUMNS = ["coverage", "risk", "threshold", "n_kept"]
 RISK_TARGETS = (0.01, 0.02, 0.05, 0.10)
@@ -115,7 +116,7 @@ def risk_coverage(confidence, correct):
     if n == 0:
         return pd.DataFrame({c: pd.Series(dtype=int if c == "n_kept" else float)
                              for c in CURVE_COLUMNS})
-    order = np.argsort(-confidence, kind="stable")
+    order = np.argsort(-confidence)  # a tie group is one row, so the order inside it does not matter
     conf_sorted = confidence[order]
     cum_errors = np.cumsum(~correct[order])
     ends = tie_ends(conf_sorted)
@@ -152,6 +153,19 @@ def aurc(confidence, correct):
     there is no decision.
     """
     return aurc_from_curve(risk_coverage(confidence, correct))
+
+
+def same_ranking(a, b) -> bool:
+    """True when confidences ``a`` and ``b`` (1-D, for the same decisions) rank the decisions
+    alike: one order sorts both, with the same ties. Their risk-coverage curves are then the same
+    on the data and on every resample (a temperature keeps the order of the probabilities, unless
+    rounding makes or breaks a tie)."""
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if a.shape != b.shape:
+        return False
+    order = np.argsort(-a)
+    sa, sb = a[order], b[order]
+    return bool(np.all(sb[1:] <= sb[:-1]) and np.array_equal(sa[1:] == sa[:-1], sb[1:] == sb[:-1]))
 
 
 def oracle_curve(correct):
@@ -236,46 +250,88 @@ def _harmonic(x):
     return digamma(np.asarray(x, dtype=float) + 1.0) + np.euler_gamma
 
 
-def selective_resamples(confidence, correct, rows, weights, targets=RISK_TARGETS, chunk_pairs=4_000_000) -> dict:
+def selective_resamples(confidence, correct, rows, weights, targets=RISK_TARGETS, chunk_pairs=1 << 23) -> dict:
     """AURC, E-AURC and coverage at each target risk on every bootstrap resample.
 
     ``confidence`` / ``correct``: the known decisions (1-D, as :func:`known_decisions` gives);
-    ``rows``: the row (image) of each decision; ``weights`` (B, N rows): resample multiplicities,
-    so a drawn image brings all its decisions. One sort serves every resample: with the mass
-    K0 kept before a tie group, E0 errors in it, and a group of mass m holding e errors, the
-    group adds ``E0 (H(K0 + m) - H(K0)) + (e / m) (m - K0 (H(K0 + m) - H(K0)))`` to ``N * AURC``
-    (H the harmonic number): the module's tie rule summed in closed form, equal to
-    :func:`aurc` on every resample. Returns {"aurc", "e_aurc": (B,), "coverage_at_risk":
-    {key: (B,) with NaN where no coverage qualifies}}."""
+    ``rows``: the row (image) of each decision; ``weights``: the resamples of the N rows
+    (:class:`tools.metrics.Resamples`, or multiplicities (B, N)), so a drawn image brings all its
+    decisions; ``chunk_pairs`` bounds the work arrays (tie groups x resamples).
+
+    One sort serves every resample. With the mass K0 kept before a tie group, E0 errors before it,
+    and a group of mass m holding e errors, the group adds ``E0 (H(K0 + m) - H(K0)) + (e / m) (m -
+    K0 (H(K0 + m) - H(K0)))`` to ``N * AURC`` (H the harmonic number): the module's tie rule summed
+    in closed form, equal to :func:`aurc` on every resample. Summed over groups, the first terms
+    telescope, so only the groups holding an error count: ``e (H(N) - H(K) + 1 - K0 (H(K) -
+    H(K0)) / m)`` with K = K0 + m. The largest coverage within a target risk is reached just before
+    a group holding an error, or at full coverage. The masses come from one sparse product of the
+    runs between those groups with the resamples' counts. Returns {"aurc", "e_aurc": (B,),
+    "coverage_at_risk": {key: (B,) with NaN where no coverage qualifies}}."""
     confidence, correct = _check(confidence, correct)
-    order = np.argsort(-confidence, kind="stable")
-    conf_sorted, err_sorted = confidence[order], (~correct[order]).astype(float)
-    ends = tie_ends(conf_sorted)
-    rows_sorted = np.asarray(rows)[order]
-    w_all = np.asarray(weights, dtype=float)
-    out = {"aurc": [], "e_aurc": [], "coverage_at_risk": {_target_key(t): [] for t in targets}}
-    step = max(1, chunk_pairs // max(1, len(order)))
-    for start in range(0, len(w_all), step):
-        w = w_all[start:start + step][:, rows_sorted]
-        kept = np.cumsum(w, axis=1)[:, ends]
-        errors = np.cumsum(w * err_sorted, axis=1)[:, ends]
-        kept0 = np.concatenate([np.zeros((len(w), 1)), kept[:, :-1]], axis=1)
-        errors0 = np.concatenate([np.zeros((len(w), 1)), errors[:, :-1]], axis=1)
-        mass, err = kept - kept0, errors - errors0
-        dh = _harmonic(kept) - _harmonic(kept0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            inside = np.where(mass > 0, err / np.where(mass > 0, mass, 1) * (mass - kept0 * dh), 0.0)
-            total, wrong = kept[:, -1], errors[:, -1]
-            area = (errors0 * dh + inside).sum(1) / total
-            right = total - wrong
-            oracle = ((total - right) - right * (_harmonic(total) - _harmonic(right))) / total
-            risk = errors / np.where(kept > 0, kept, 1)
-        out["aurc"].append(area)
-        out["e_aurc"].append(area - oracle)
+    rows = np.asarray(rows)
+    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
+    keys = [_target_key(t) for t in targets]
+    if confidence.size == 0:
+        nan = np.full(res.n_boot, np.nan)
+        return {"aurc": nan, "e_aurc": nan.copy(), "coverage_at_risk": {k: nan.copy() for k in keys}}
+    order = np.argsort(-confidence)  # ties form one group, so their order does not matter
+    conf_sorted, wrong = confidence[order], ~correct[order]
+    group = np.cumsum(np.r_[True, conf_sorted[1:] != conf_sorted[:-1]]) - 1
+    has_error = np.zeros(group[-1] + 1, bool)
+    has_error[group[wrong]] = True
+    before = np.cumsum(has_error) - has_error  # groups holding an error strictly before each group
+    n_err = int(has_error.sum())
+    # runs of mass: the decisions between two groups holding an error, and each such group
+    mass_run, run_keys = run_numbers(2 * before[group] + has_error[group])
+    n_mass = len(run_keys) + 1  # run 0 stays empty: cumulative sums start at 0
+    through = np.searchsorted(run_keys, 2 * np.arange(n_err) + 1, side="right")
+    start = np.searchsorted(run_keys, 2 * np.arange(n_err), side="right")
+    runs = np.concatenate([mass_run, n_mass + 1 + before[group[wrong]]])
+    item_rows = np.concatenate([rows[order], rows[order][wrong]])
+    per_row = int(np.bincount(rows).max())
+    harmonic = _harmonic
+    if res.exact_dtype(per_row) == np.float32:  # integer masses: H read from a table
+        table = _harmonic(np.arange(int(res.max_row_mass() * per_row) + 2))
+
+        def harmonic(x):
+            return table[np.asarray(x).astype(np.int32)]
+    parts = map_run_sums(lambda sums: _selective_chunk(sums, n_mass, start, through, targets, harmonic),
+                         res, runs, n_mass + n_err + 1, item_rows, per_row, chunk_pairs)
+    out = {"aurc": np.concatenate([p[0] for p in parts]), "e_aurc": np.concatenate([p[1] for p in parts])}
+    out["coverage_at_risk"] = {k: np.concatenate([p[2][i] for p in parts]) for i, k in enumerate(keys)}
+    return out
+
+
+def _selective_chunk(sums, n_mass, start, through, targets, harmonic):
+    """(AURC, E-AURC, [coverage per target]) from the runs' sums (runs, B) of one chunk;
+    ``harmonic``: H of an array."""
+    mass, errors = sums[:n_mass], sums[n_mass:]
+    err = errors[1:].astype(np.float64)  # the errors of each group holding one
+    cumsum_rows(mass)
+    cumsum_rows(errors)
+    total, wrong = mass[-1].astype(np.float64), errors[-1].astype(np.float64)
+    kept0, kept, errors0 = mass[start], mass[through], errors[:-1]
+    size = kept - kept0
+    h_total = harmonic(total)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # K0 (H(K) - H(K0)) / m, 0 for a group of no mass
+        h_kept = harmonic(kept)
+        inside = h_kept - harmonic(kept0)
+        inside *= kept0
+        np.divide(inside, size, out=inside, where=size > 0)
+        terms = h_total - h_kept + 1 - inside
+        area = np.einsum("kb,kb->b", err, terms) / total
+        right = total - wrong
+        oracle = ((total - right) - right * (h_total - harmonic(right))) / total
+        # the largest coverage within a target risk: just before a group holding an error (the
+        # kept mass rises with the group), or all decisions. The last such point within a risk is
+        # where the smallest risk from there on is within it: a count, as that minimum rises.
+        risk = np.divide(errors0, kept0, out=np.full(kept0.shape, np.inf), where=kept0 > 0, dtype=np.float64)
+        lowest_after = accumulate_rows(np.ascontiguousarray(risk[::-1]), np.minimum)[::-1]
+        columns = np.arange(sums.shape[1])
+        cover = []
         for t in targets:
-            ok = (risk <= t) & (kept > 0)
-            cover = np.where(ok, kept, -np.inf).max(1) / total
-            out["coverage_at_risk"][_target_key(t)].append(np.where(ok.any(1), cover, np.nan))
-    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)  # noqa: E731
-    return {"aurc": cat(out["aurc"]), "e_aurc": cat(out["e_aurc"]),
-            "coverage_at_risk": {k: cat(v) for k, v in out["coverage_at_risk"].items()}}
+            last = count_at_most(lowest_after, np.full(len(columns), t)) - 1
+            best = np.where(last >= 0, kept0[np.maximum(last, 0), columns] / total, np.nan)
+            cover.append(np.where(wrong / total <= t, total / total, best))
+    return area, area - oracle, cover

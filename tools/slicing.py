@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tools.metrics import METRICS, bootstrap_weights, difference, metrics_from_scores, scores
+from tools.metrics import METRICS, Ranked, bootstrap_resamples, difference, metrics_from_scores, scores
 from tools.stats import SCORE_METRICS, hull, mover, mover_p, score_interval
 
 MAX_CATEGORIES = 12
@@ -48,9 +48,18 @@ def defined_by_labels(values: np.ndarray, y: np.ndarray) -> bool:
     known = ~np.isnan(y).any(axis=1)
     if not known.any() or len(np.unique(values[known])) < 2:
         return False
-    combos, inverse = np.unique(y[known], axis=0, return_inverse=True)
+    combos, inverse = _label_combinations(y[known])
     pairs = {(int(c), v) for c, v in zip(inverse.ravel(), values[known])}
     return len(pairs) == len(combos) and int(known.sum()) - len(combos) >= MIN_REPEATS
+
+
+def _label_combinations(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct rows, each row's index among them) of a 0/1 label matrix with no unknowns; rows
+    are read as binary numbers where they fit in 62 bits (np.unique(axis=0) sorts rows slowly)."""
+    if y.shape[1] > 62 or not np.isin(y, (0, 1)).all():
+        combos, inverse = np.unique(y, axis=0, return_inverse=True)
+        return combos, inverse.ravel()
+    return np.unique(y.astype(np.int64) @ (np.int64(1) << np.arange(y.shape[1], dtype=np.int64)), return_inverse=True)
 
 
 def _class_counts(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,30 +68,44 @@ def _class_counts(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def group_metrics(df: pd.DataFrame, y, p, labels, col: str, clusters, min_group_size=30,
-                  n_boot=1000, seed=0) -> dict:
+                  n_boot=1000, seed=0, ranked: Ranked | None = None) -> dict:
     """``{"group_col", "bin_edges", "derived_from_labels", "groups": {value: metrics schema +
     ci95 + small + gap_to_rest}}``; each gap block (macro, per label) carries ``p_value``,
-    ``derived_from_labels`` and ``flaggable`` (see :func:`mark_gaps`)."""
+    ``derived_from_labels`` and ``flaggable`` (see :func:`mark_gaps`). ``ranked``: the rows'
+    :class:`tools.metrics.Ranked`, when already sorted (every group and rest is taken from it)."""
     values, edges = group_values(df[col])
-    weights = bootstrap_weights(clusters, n_boot, seed) if n_boot > 0 else None
+    resamples = bootstrap_resamples(clusters, n_boot, seed) if n_boot > 0 else None
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    masks = {value: values == value for value in sorted(pd.unique(values), key=str)}
+    ranked = Ranked(y, p) if ranked is None else ranked
 
-    def part(mask):  # the group's or the rest's scores on the same resamples
-        return scores(y[mask], p[mask], None if weights is None else weights[:, mask])
+    def part(mask, micro=True):  # the group's or the rest's scores on the same resamples
+        return scores(y[mask], p[mask], None if resamples is None else resamples.rows(mask), micro,
+                      ranked.rows(mask, micro))
 
-    derived = defined_by_labels(values, np.asarray(y, float))
+    # every group's scores, then each rest's; a rest that is itself a group (a column with two
+    # values) is not scored twice, and a rest needs no micro average
+    scored = {mask.tobytes(): part(mask) for mask in masks.values()}
+
+    def rest(mask):
+        key = (~mask).tobytes()
+        if key not in scored:
+            scored[key] = part(~mask, micro=False)
+        return scored[key]
+
+    derived = defined_by_labels(values, y)
     groups = {}
-    for value in sorted(pd.unique(values), key=str):
-        mask = values == value
-        group = part(mask)
+    for value, mask in masks.items():
+        group = scored[mask.tobytes()]
         block = metrics_from_scores(y[mask], group, labels)
         block.pop("split")
         block["small"] = bool(mask.sum() < min_group_size)
         block["gap_to_rest"] = None
         if (~mask).any():
-            block["gap_to_rest"] = difference(group, part(~mask), labels)
+            block["gap_to_rest"] = difference(group, rest(mask), labels)
             mark_gaps(block, _class_counts(y[mask]), _class_counts(y[~mask]), labels, derived)
         groups[str(value)] = block
-    if weights is not None:
+    if resamples is not None:
         _score_gap_intervals(groups, labels)
     return {"group_col": col, "bin_edges": edges, "min_group_size": min_group_size,
             "derived_from_labels": derived, "groups": groups}

@@ -13,7 +13,7 @@ from tools.audit import Subject
 from tools.calibration import (apply_temperature, calibration_report, calibration_resamples, fit_temperature,
                                temperature_resamples)
 from tools.findings import ECE_TOLERANCE
-from tools.metrics import bootstrap_weights, percentile_ci
+from tools.metrics import bootstrap_resamples, percentile_ci
 from tools.stats import bootstrap_p, exceed_p
 from tools.files import NOTICE, write_csv, write_json
 from tools.inference import mc_dropout_logits, tta_logits
@@ -105,7 +105,7 @@ def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureF
     ``ece_above_tolerance_p``: the one-sided p-value of "ECE before <= 0.05"."""
     if bootstrap <= 0:
         return {}
-    weights = bootstrap_weights(data.clusters, bootstrap, seed)
+    weights = bootstrap_resamples(data.clusters, bootstrap, seed)
     before, after = calibration_resamples(uncal, data.y, weights), calibration_resamples(cal, data.y, weights)
     out = {}
     for key in ("ece", "nll", "brier"):
@@ -116,7 +116,7 @@ def calibration_intervals(data: SplitData, uncal, cal, labels, fit: TemperatureF
     out["ece_above_tolerance_p"] = exceed_p(before["ece"], ECE_TOLERANCE)
     out["temperature_ci95"] = None
     if fit is not None:
-        refits = temperature_resamples(fit.logits, fit.y, bootstrap_weights(fit.clusters, bootstrap, seed + 1),
+        refits = temperature_resamples(fit.logits, fit.y, bootstrap_resamples(fit.clusters, bootstrap, seed + 1),
                                        fit.temperature, per_label=np.ndim(fit.temperature) > 0)
         out["temperature_ci95"] = (percentile_ci(refits) if refits.ndim == 1 else
                                    {lbl: percentile_ci(refits[:, j]) for j, lbl in enumerate(labels)})

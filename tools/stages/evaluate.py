@@ -11,7 +11,7 @@ from tabulate import tabulate
 
 from tools import distributed, figures
 from tools.files import write_csv, write_json
-from tools.metrics import METRICS, metrics_with_ci, sigmoid
+from tools.metrics import METRICS, Ranked, metrics_with_ci, sigmoid
 from tools.predictions import predictions_frame
 from tools.runtime import Run
 from tools.findings import describe, failure_list, slice_tests
@@ -39,7 +39,8 @@ def write_evaluation(run: Run, data: SplitData, logits, labels, group_cols=(), m
         return out
     split = data.name or "all"
     probs = sigmoid(logits)
-    metrics = metrics_with_ci(data.y, probs, labels, data.clusters, bootstrap, run.seed, split)
+    ranked = Ranked(data.y, probs)  # sorted once for the metrics and every group
+    metrics = metrics_with_ci(data.y, probs, labels, data.clusters, bootstrap, run.seed, split, ranked)
     write_json(run.outdir / f"metrics_{split}.json", metrics)
     write_csv(run.outdir / f"predictions_{split}.csv", predictions_frame(data.df, labels, logits, probs))
     figures.roc_pr_curves(data.y, probs, labels, run.outdir / f"roc_{split}.png", run.outdir / f"pr_{split}.png",
@@ -49,7 +50,7 @@ def write_evaluation(run: Run, data: SplitData, logits, labels, group_cols=(), m
     out["metrics"] = metrics
     for col in group_cols:
         result = group_metrics(data.df, data.y, probs, labels, col, data.clusters,
-                               min_group_size, bootstrap, run.seed)
+                               min_group_size, bootstrap, run.seed, ranked)
         write_json(run.outdir / f"group_metrics_{col}.json", result)
         write_csv(run.outdir / f"group_metrics_{col}.csv", group_table(result, labels))
         figures.group_bars(result, labels, run.outdir / f"group_metrics_{col}.png")

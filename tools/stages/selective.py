@@ -16,11 +16,11 @@ from tools.calibration import apply_temperature
 from tools.errors import UserError
 from tools.files import write_csv, write_json
 from tools.inference import mc_dropout_logits, tta_logits
-from tools.metrics import bootstrap_weights, percentile_ci, sigmoid
+from tools.metrics import bootstrap_resamples, percentile_ci, sigmoid
 from tools.predictions import signal_columns
 from tools.runtime import Run
 from tools.selective import (confidence_from_probs, confidence_from_spread, known_decisions, oracle_curve,
-                             risk_coverage, selective_resamples, summary_of_curve)
+                             risk_coverage, same_ranking, selective_resamples, summary_of_curve)
 from tools.stats import bootstrap_p
 from tools.splits import SplitData
 from tools.stages.calibrate import fitted_temperature
@@ -138,15 +138,17 @@ def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, pri
         return {}
     y = data.y
     split = data.name or "all"
-    weights = bootstrap_weights(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
+    weights = bootstrap_resamples(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
     decision_rows = np.nonzero(~np.isnan(y))[0]  # the row of each known decision, in known_decisions' order
-    curves, summaries, per_label, resamples = {}, {}, [], {}
+    curves, summaries, per_label, resamples, ranked = {}, {}, [], {}, {}
     for name, confidence in signals.items():
         conf, correct = known_decisions(confidence, probs, y)  # the same decisions for every signal
         curves[name] = risk_coverage(conf, correct)
         summaries[name] = summary_of_curve(curves[name], correct)
-        if weights is not None:
-            resamples[name] = selective_resamples(conf, correct, decision_rows, weights)
+        if weights is not None:  # a signal that ranks as an earlier one has its resamples too
+            twin = next((other for other, c in ranked.items() if same_ranking(c, conf)), None)
+            resamples[name] = resamples[twin] if twin else selective_resamples(conf, correct, decision_rows, weights)
+            ranked[name] = conf
         summaries[name]["per_label"] = {}
         for j, lbl in enumerate(labels):
             c_j, ok_j = known_decisions(confidence[:, j], probs[:, j], y[:, j])

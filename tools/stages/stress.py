@@ -14,7 +14,7 @@ from tabulate import tabulate
 from tools import distributed, figures
 from tools.corruptions import PARAM_NAMES, SEVERITIES
 from tools.files import write_csv, write_json
-from tools.metrics import METRICS, bootstrap_weights, compute_metrics, difference, scores, sigmoid
+from tools.metrics import METRICS, bootstrap_resamples, compute_metrics, difference, scores, sigmoid
 from tools.runtime import Run
 from tools.slicing import group_values
 from tools.splits import SplitData
@@ -53,7 +53,7 @@ def write_stress(run: Run, data: SplitData, clean_logits, results: dict, labels,
     write_json(run.outdir / "clean_metrics.json", clean)
     # Paired patient bootstrap: the same resamples for the clean and corrupted pass, so each drop
     # gets an interval and a drop within noise is not reported as a failure.
-    weights = bootstrap_weights(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
+    weights = bootstrap_resamples(data.clusters, bootstrap, run.seed) if bootstrap > 0 else None
     clean_scores = scores(data.y, clean_probs, weights)  # once, for all the passes compared with it
     rows = [_row("clean", 0, None, clean, None, labels)]
     for (name, severity), logits in results.items():
