@@ -36,7 +36,7 @@ import pandas as pd
 from scipy.special import logsumexp
 from scipy.stats import chi2_contingency, fisher_exact, mannwhitneyu, norm
 
-from tools.metrics import binary_metrics, binary_metrics_weighted, bootstrap_resamples, percentile_ci
+from tools.metrics import binary_metrics, binary_metrics_weighted, bootstrap_resamples, nanmean_rows, percentile_ci
 from tools.slicing import defined_by_labels, group_values
 from tools.stats import bootstrap_p, hull, score_interval, wilson
 
@@ -314,7 +314,7 @@ def probe(z, values: np.ndarray, clusters, n_boot: int = 1000, seed: int = 0) ->
     out["probe_auroc"] = float(point)
     if weights is None:
         return out
-    boot = np.nanmean(np.stack([_weighted_auroc(codes == c, oof[:, c], weights) for c in scored]), axis=0)
+    boot = nanmean_rows(np.stack([_weighted_auroc(codes == c, oof[:, c], weights) for c in scored], axis=-1))
     ci = percentile_ci(boot)
     if len(classes) == 2:
         n_pos = int((codes == 1).sum())

@@ -404,7 +404,7 @@ def _label_stats(y: np.ndarray) -> dict:
     return {"n": n, "n_pos": n_pos, "prevalence": n_pos / n if n else float("nan")}
 
 
-def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+def nanmean_rows(values: np.ndarray) -> np.ndarray:
     """Mean over the last axis ignoring NaN; NaN where every entry is NaN (no warning)."""
     count = np.sum(~np.isnan(values), axis=-1)
     total = np.nansum(values, axis=-1)
@@ -460,7 +460,7 @@ class Ranked:
         rankings = [*([self.pooled] if self.pooled is not None else []), *self.per_class]
         done = _in_parallel(lambda r: r.evaluate(res), rankings) if res.n_boot > 1 else [r.evaluate(res) for r in rankings]
         micro, values = (done[0], done[1:]) if self.pooled is not None else (None, done)
-        macro = {m: _nanmean_rows(np.stack([v[m] for v in values], axis=-1)) if values else np.full(res.n_boot, np.nan)
+        macro = {m: nanmean_rows(np.stack([v[m] for v in values], axis=-1)) if values else np.full(res.n_boot, np.nan)
                  for m in METRICS}
         return {"per_class": values, "macro": macro, "micro": micro}
 
