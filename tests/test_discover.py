@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import binom, chi2_contingency, fisher_exact
+from scipy.stats import binom, chi2_contingency, fisher_exact, mannwhitneyu
 
 from conftest import run_main
 from tools import discover as dsc
@@ -245,6 +245,15 @@ def test_property_differences_standardise_by_the_pooled_sd():
     a, b = np.array([10.0, 12, 14]), np.array([30.0, 31, 35])
     pooled = np.sqrt((2 * a.var(ddof=1) + 2 * b.var(ddof=1)) / 4)
     assert row["std_difference"] == pytest.approx((a.mean() - b.mean()) / pooled)
+    # constant on each side and different (the device's 224 px films against 256): no overlap,
+    # an infinite standardised difference and Mann-Whitney's p, which a description words as such
+    sizes = pd.DataFrame({"image_path": [str(i) for i in range(30)], "original_height": [224.0] * 10 + [256.0] * 20})
+    member = np.arange(30) < 10
+    (row,) = dsc.property_differences(member, sizes)
+    assert row["std_difference"] == -np.inf
+    assert row["p_value"] == pytest.approx(mannwhitneyu([224.0] * 10, [256.0] * 20).pvalue) and row["p_value"] < 0.001
+    from tools.stages.discover import _describe
+    assert "original_height 224 vs 256 (no overlap, p <0.001)" in _describe({"n": 10, "gap": None}, None, [row])
 
 
 def test_describable_columns_leave_out_identifiers_labels_and_label_defined_columns(planted):

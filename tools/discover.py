@@ -258,7 +258,8 @@ def over_represented(member: np.ndarray, df: pd.DataFrame, columns) -> dict | No
 
 def property_differences(member: np.ndarray, props: pd.DataFrame) -> list[dict]:
     """Numeric image properties of the members against the rest: means, standardised difference
-    (pooled SD) and the Mann-Whitney p-value, largest |difference| first."""
+    (pooled SD; infinite when each side is constant and they differ) and the Mann-Whitney p-value,
+    largest |difference| first."""
     out = []
     for col in props.columns:
         if col == "image_path" or not pd.api.types.is_numeric_dtype(props[col]):
@@ -269,7 +270,7 @@ def property_differences(member: np.ndarray, props: pd.DataFrame) -> list[dict]:
             continue
         sd = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
         diff = (a.mean() - b.mean()) / sd if sd > 0 else (0.0 if a.mean() == b.mean() else np.sign(a.mean() - b.mean()) * np.inf)
-        p = float(mannwhitneyu(a, b).pvalue) if sd > 0 else (1.0 if diff == 0 else 0.0)
+        p = 1.0 if np.ptp(np.r_[a, b]) == 0 else float(mannwhitneyu(a, b).pvalue)
         out.append({"property": col, "slice_mean": float(a.mean()), "rest_mean": float(b.mean()),
                     "std_difference": float(diff), "p_value": p})
     return sorted(out, key=lambda r: -abs(r["std_difference"]))

@@ -210,8 +210,9 @@ def _describe(row: dict, described: dict | None, props: list) -> str:
         parts.append(f"{described['top_column']}={described['top_value']} {described['top_share']:.0%} "
                      f"(overall {described['overall_share']:.0%}, Fisher p {p_text(described['top_p'])})")
     for prop in props[:2]:
-        parts.append(f"{prop['property']} {prop['slice_mean']:.4g} vs {prop['rest_mean']:.4g} "
-                     f"(d {prop['std_difference']:+.1f}, p {p_text(prop['p_value'])})")
+        d = prop["std_difference"]
+        d = f"d {d:+.1f}" if np.isfinite(d) else "no overlap"
+        parts.append(f"{prop['property']} {prop['slice_mean']:.4g} vs {prop['rest_mean']:.4g} ({d}, p {p_text(prop['p_value'])})")
     return "; ".join(parts)
 
 
