@@ -65,8 +65,10 @@ def roc_pr_curves(y, p, labels, roc_path, pr_path, title="") -> None:
     ax_roc.axvline(0.05, color="grey", lw=0.7, ls="--")
     ax_roc.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC {title}".strip())
     ax_pr.set(xlabel="recall", ylabel="precision", title=f"precision-recall {title}".strip(), ylim=(0, 1.02))
-    for ax in (ax_roc, ax_pr):
-        ax.legend(fontsize=8)
+    # fixed corners where these curves seldom run: matplotlib's "best" placement tests every
+    # point of every line, seconds on curves of 100,000 films
+    ax_roc.legend(fontsize=8, loc="lower right")
+    ax_pr.legend(fontsize=8, loc="lower left")
     save_figure(fig_roc, roc_path)
     save_figure(fig_pr, pr_path)
 
