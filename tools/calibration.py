@@ -35,7 +35,7 @@ Brier score: mean of ``(p - y) ** 2`` over known pairs.
 
 import numpy as np
 
-from tools.metrics import Resamples, binary_metrics
+from tools.metrics import as_resamples, binary_metrics
 
 N_BINS = 15
 PROB_CLIP = 1e-7
@@ -289,7 +289,7 @@ def calibration_resamples(probs, y, weights, n_bins=N_BINS) -> dict:
     per-row sums: ``|sum of p - sum of y|`` per bin, summed over bins and divided by the
     resample's number of pairs, is the ECE of :func:`ece` on that resample."""
     probs, y = _columns(probs), _columns(y)
-    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
+    res = as_resamples(weights, len(probs))
     known = ~np.isnan(y)
     p = np.where(known, probs, 0.0)
     t = np.where(known, y, 0.0)
@@ -317,7 +317,7 @@ def temperature_resamples(logits, y, weights, temperature, per_label=False, n_gr
     best grid point and its neighbours (the NLL is convex in 1/T). A grid that a minimum touches
     at its end is widened, within [T_MIN, T_MAX]."""
     logits, y = _columns(logits), _columns(y)
-    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
+    res = as_resamples(weights, len(logits))
     groups = [[j] for j in range(logits.shape[1])] if per_label else [list(range(logits.shape[1]))]
     fitted = np.atleast_1d(np.asarray(temperature, dtype=float))
     out = np.empty((res.n_boot, len(groups)))

@@ -25,7 +25,6 @@ metrics are formed in float64.
 from __future__ import annotations
 
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -33,6 +32,7 @@ import pandas as pd
 from scipy import sparse
 from threadpoolctl import threadpool_limits
 
+from tools.runtime import available_cores
 from tools.stats import MIN_BOOT, SCORE_METRICS, bootstrap_p, hull, score_interval
 
 METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
@@ -162,13 +162,14 @@ class Resamples:
         return out[:, 0] if squeeze else out
 
 
-def as_resamples(weights, n: int) -> Resamples | None:
-    """``weights`` as :class:`Resamples` of ``n`` rows: None, Resamples, or row weights (B, n)."""
+def as_resamples(weights, n: int | None = None) -> Resamples | None:
+    """``weights`` as :class:`Resamples` (of ``n`` rows, when given, else of as many as they
+    hold): None, Resamples, or row weights (B, n)."""
     if weights is None or isinstance(weights, Resamples):
         res = weights
     else:
         res = Resamples.from_weights(weights)
-    if res is not None and res.n_rows != n:
+    if res is not None and n is not None and res.n_rows != n:
         raise ValueError(f"resamples hold {res.n_rows} rows, the data {n}")
     return res
 
@@ -208,15 +209,6 @@ def run_numbers(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.cumsum(change), keys[change]
 
 
-def _tie_groups(sorted_scores: np.ndarray) -> np.ndarray:
-    """Tie group of each item of a sorted score array (0, 1, ...)."""
-    if len(sorted_scores) == 0:
-        return np.zeros(0, np.intp)
-    new = np.empty(len(sorted_scores), bool)
-    new[0], new[1:] = True, sorted_scores[1:] != sorted_scores[:-1]
-    return np.cumsum(new) - 1
-
-
 class _Ranking:
     """Binary outcomes of items ranked by score, high to low, reduced to what the four metrics need
     under any weights. Built from items already sorted (``ys`` bool, ``ps`` descending, ``rows``:
@@ -233,7 +225,7 @@ class _Ranking:
     def __init__(self, ys: np.ndarray, ps: np.ndarray, rows: np.ndarray, per_row: int = 1):
         self.ys, self.ps, self.rows, self.per_row = ys, ps, rows, per_row
         self.n = len(ps)
-        group = _tie_groups(ps)
+        group = run_numbers(ps)[0] - 1  # tie group of each item, from 0
         has_pos = np.zeros(group[-1] + 1 if self.n else 0, bool)
         has_pos[group[ys]] = True
         before = np.cumsum(has_pos) - has_pos  # positive groups strictly before each group
@@ -416,7 +408,7 @@ def _in_parallel(fn, items) -> list:
     """``[fn(x) for x in items]`` on one thread per core this process may use (numpy and scipy
     release the GIL in the work that matters here)."""
     items = list(items)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     if cores < 2 or len(items) < 2:
         return [fn(x) for x in items]
     # one BLAS thread per worker: the workers already use the cores

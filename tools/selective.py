@@ -45,7 +45,7 @@ import pandas as pd
 from scipy.special import digamma
 
 from tools.calibration import decision_correct, none_if_nan
-from tools.metrics import Resamples, accumulate_rows, count_at_most, cumsum_rows, map_run_sums, run_numbers
+from tools.metrics import accumulate_rows, as_resamples, count_at_most, cumsum_rows, map_run_sums, run_numbers
 
 CURVE_COLUMNS = ["coverage", "risk", "threshold", "n_kept"]
 RISK_TARGETS = (0.01, 0.02, 0.05, 0.10)
@@ -269,14 +269,14 @@ def selective_resamples(confidence, correct, rows, weights, targets=RISK_TARGETS
     "coverage_at_risk": {key: (B,) with NaN where no coverage qualifies}}."""
     confidence, correct = _check(confidence, correct)
     rows = np.asarray(rows)
-    res = weights if isinstance(weights, Resamples) else Resamples.from_weights(weights)
+    res = as_resamples(weights)  # resamples of the N rows the decisions come from
     keys = [_target_key(t) for t in targets]
     if confidence.size == 0:
         nan = np.full(res.n_boot, np.nan)
         return {"aurc": nan, "e_aurc": nan.copy(), "coverage_at_risk": {k: nan.copy() for k in keys}}
     order = np.argsort(-confidence)  # ties form one group, so their order does not matter
     conf_sorted, wrong = confidence[order], ~correct[order]
-    group = np.cumsum(np.r_[True, conf_sorted[1:] != conf_sorted[:-1]]) - 1
+    group = run_numbers(conf_sorted)[0] - 1  # tie group of each decision, from 0
     has_error = np.zeros(group[-1] + 1, bool)
     has_error[group[wrong]] = True
     before = np.cumsum(has_error) - has_error  # groups holding an error strictly before each group
