@@ -304,7 +304,8 @@ def test_discover_command_writes_consistent_files(demo, trained, tmp_path):
         att = risk["attention"]
         assert (att["column"], att["group"], att["label"]) == (risk["column"], risk["group"], risk["label"])
         assert att["ci95"][0] <= att["difference"] <= att["ci95"][1]
-        assert (out / f"shortcut_{risk['column'].replace(':', '_')}.png").stat().st_size > 0
+        assert att["figure"] == f"shortcut_{risk['column'].replace(':', '_')}.png"
+        assert (out / att["figure"]).stat().st_size > 0
 
 
 @pytest.mark.slow

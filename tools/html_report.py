@@ -485,7 +485,7 @@ def discover_section(outdir: Path) -> Html:
             att = risk.get("attention")
             if not att or att.get("difference") is None:
                 continue
-            parts.append(figure(folder / f"shortcut_{str(risk['column']).replace(':', '_')}.png",
+            parts.append(figure(folder / att["figure"],
                                 f"{att['label']} Grad-CAM on the {att['column']}={att['group']} films the model scores "
                                 f"highest: {fmt(att['concentration_group'])}x as dense in the marked region (where "
                                 f"that group's mean film differs most, {att['region_share_of_film']:.1%} of the film) "
@@ -849,8 +849,9 @@ def build_report(outdir, generated: str | None = None) -> str:
         parts += [failures_section(summary), not_run_section(summary), unlabelled_section(outdir, summary)]
     else:
         parts += [headline_section(summary), internal_section(summary), failures_section(summary),
-                  not_run_section(summary), compare_section(outdir, summary), discover_section(outdir), eval_section(outdir), stress_section(outdir, summary),
-                  calibration_section(outdir, summary), selective_section(outdir, summary)]
+                  not_run_section(summary), compare_section(outdir, summary), discover_section(outdir),
+                  eval_section(outdir), stress_section(outdir, summary), calibration_section(outdir, summary),
+                  selective_section(outdir, summary)]
     parts += [case_studies_section(outdir), data_checks_section(outdir), config_section(config)]
     title = f"cxr failure analysis: {summary.get('csv') or summary.get('image_dir') or outdir.name}"
     # ASCII with character references: the file reads the same whatever the reader's default encoding

@@ -104,13 +104,10 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
     write_csv(run.outdir / "slice_members.csv", pd.DataFrame(member_rows, columns=["image_path", "label", "slice_id"]))
 
     # ====== shortcut probes ======
-    probes = []
-    for col in columns:
-        probes.append(dsc.shortcut_row(col, group_values(data.df[col])[0], z, data.y, labels, data.clusters,
-                                       bootstrap, seed))
-    for col in [c for c in PROPERTIES if props[c].nunique(dropna=True) > 1]:
-        probes.append(dsc.shortcut_row(col, group_values(props[col])[0], z, data.y, labels, data.clusters,
-                                       bootstrap, seed) | {"column": f"image:{col}"})
+    probed = {col: group_values(data.df[col])[0] for col in columns}
+    probed |= {f"image:{col}": group_values(props[col])[0] for col in PROPERTIES if props[col].nunique(dropna=True) > 1}
+    probes = [dsc.shortcut_row(col, values, z, data.y, labels, data.clusters, bootstrap, seed)
+              for col, values in probed.items()]
     probe_table = pd.DataFrame(probes, columns=["column", "probe_auroc", "ci_low", "ci_high", "n_groups",
                                                 *[f"prevalence_gap_{lbl}" for lbl in labels], "risk", "p_value",
                                                 "label", "detail"])
@@ -118,8 +115,8 @@ def write_discovery(run: Run, data: SplitData, logits, features, labels, passes:
     for r in probes:
         r["attention"] = None
         if r["risk"] and passes.model is not None:
-            values = group_values(props[r["column"][6:]] if r["column"].startswith("image:") else data.df[r["column"]])[0]
-            r["attention"] = _shortcut_attention(run, passes.model, data, probs, labels, r, values, bootstrap, seed)
+            r["attention"] = _shortcut_attention(run, passes.model, data, probs, labels, r, probed[r["column"]],
+                                                 bootstrap, seed)
     tests += [{"kind": "shortcut", "column": r["column"], "label": r["label"], "value": r["probe_auroc"],
                "ci95": None if r["ci_low"] is None else [r["ci_low"], r["ci_high"]], "p_value": r["p_value"],
                "detail": r["detail"] + _attention_text(r["attention"])} for r in probes if r["p_value"] is not None]
@@ -237,21 +234,19 @@ def _shortcut_attention(run: Run, model, data: SplitData, probs, labels, row: di
     region and the group's maps."""
     j = labels.index(row["label"])
     in_group = np.asarray(values).astype(str) == str(row["group"])
-    total = {True: 0.0, False: 0.0}
-    for i in range(len(data.df)):
-        total[bool(in_group[i])] = total[bool(in_group[i])] + data.store[i].astype(np.float64)
-    region = dsc.difference_region(total[True] / in_group.sum(), total[False] / (~in_group).sum())
+    mean_group, mean_rest = (_mean_film(data.store, np.flatnonzero(side)) for side in (in_group, ~in_group))
+    region = dsc.difference_region(mean_group, mean_rest)
     order = np.argsort(-probs[:, j], kind="mergesort")
     chosen = {side: [i for i in order if in_group[i] == side][:ATTENTION_FILMS] for side in (True, False)}
     maps = {side: np.stack([film_gradcam(model, data.store[i], j, run.device) for i in rows])
             for side, rows in chosen.items()}
     out = {"column": row["column"], "group": row["group"], "label": row["label"],
+           "figure": f"shortcut_{row['column'].replace(':', '_')}.png",
            "region_share_of_film": float(region.mean()),
            **dsc.attention_gap(dsc.concentration(maps[True], region), dsc.concentration(maps[False], region),
                                bootstrap, seed)}
-    name = row["column"].replace(":", "_")
     films = [data.store[i] for i in chosen[True][:MONTAGE_FILMS]]
-    mean = np.clip(np.rint(total[True] / in_group.sum()), 0, 255).astype(np.uint8)
+    mean = np.clip(np.rint(mean_group), 0, 255).astype(np.uint8)
     titles = [f"{str(data.df['image_path'].iloc[i]).rsplit('/', 1)[-1]}\n{row['label']} p={probs[i, j]:.2f}"
               for i in chosen[True][:MONTAGE_FILMS]]
     figures.montage_figure([overlay(mean, region.astype(np.float32))] + [overlay(f, m) for f, m in zip(films, maps[True])],
@@ -259,8 +254,16 @@ def _shortcut_attention(run: Run, model, data: SplitData, probs, labels, row: di
                            f"{row['column']}={row['group']} group, {row['label']} Grad-CAM "
                            f"{out['concentration_group']:.1f}x as dense in the marked region as on average "
                            f"(other films {out['concentration_rest']:.1f}x)",
-                           run.outdir / f"shortcut_{name}.png")
+                           run.outdir / out["figure"])
     return out
+
+
+def _mean_film(store, rows) -> np.ndarray:
+    """The pixel-wise mean (float64) of the stored films ``rows``, read one at a time."""
+    total = np.zeros(store[rows[0]].shape, np.float64)
+    for i in rows:
+        total += store[i]
+    return total / len(rows)
 
 
 def _attention_text(att: dict | None) -> str:
