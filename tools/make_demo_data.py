@@ -172,7 +172,7 @@ PARAMS = {
     # 4. an unnamed device: per image, independent of site, view and labels. Its collimator
     # replaces everything below a horizontal line (image heights, after pose; +/- jitter) by the
     # bright unexposed-detector shadow (value in [0, 1], noise sd) with a soft edge of ~edge_px
-    # pixels, and it writes films at size_ratio of --size.
+    # pixels, and it writes films at size_ratio of --size; label: the finding it hides.
     "hidden_device": {"p": 0.25, "cutoff": 0.50, "cutoff_jitter": 0.01, "shadow": 0.9,
                       "shadow_noise": 0.012, "edge_px": 1.5, "size_ratio": 7 / 8, "label": "Cardiomegaly"},
     # 5. a shortcut: added to the per-image Effusion probability by site, and a burned-in tag
@@ -803,7 +803,7 @@ def film_size(phantom: dict, size: int) -> int:
 def _collimate(image: np.ndarray, collimator: dict) -> np.ndarray:
     """Failure mode 4: below the collimation line (image rows, after pose) the detector was not
     exposed: a bright, nearly uniform shadow with a soft edge of a pixel or two replaces the
-    film, costophrenic recesses included, and with them the fluid of most small effusions."""
+    film, and with it all but the top of the heart's outline and every effusion."""
     device, size = PARAMS["hidden_device"], image.shape[0]
     rows = (np.arange(size, dtype=np.float32) + 0.5) / size
     # _soft ramps over 4 edges: edge_px / 4 pixels each
