@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny demo data set (64 px) and a model trained on it for one short run.
 
-The decoded-image cache goes to a temporary folder so tests never touch ~/.cache."""
+The decoded-image cache goes to a temporary folder so tests never touch ~/.cache, and what the tests
+and the processes they start leave in temporary folders is removed when the session ends."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -10,7 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("CXR_CACHE_DIR", tempfile.mkdtemp(prefix="cxr-test-cache-"))
+# One scratch folder for the session, removed at exit: the decode cache, and the temporary files of
+# the processes the tests start (torchrun keeps a log folder per launch under TMPDIR).
+SCRATCH = Path(tempfile.mkdtemp(prefix="cxr-tests-"))
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ.setdefault("CXR_CACHE_DIR", str(SCRATCH / "cache"))
+(SCRATCH / "tmp").mkdir()
+os.environ["TMPDIR"] = str(SCRATCH / "tmp")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 SIZE = 64

@@ -73,6 +73,22 @@ def test_risk_coverage_is_vectorised():
     assert len(curve) == len(np.unique(conf))
 
 
+def test_thin_curve_keeps_exact_rows_nearest_to_even_coverage_levels():
+    conf, correct = random_decisions(5_000, seed=3)
+    curve = sel.risk_coverage(conf, correct)
+    thin = sel.thin_curve(curve, rows=100)
+    assert 90 <= len(thin) <= 101 and list(thin.columns) == list(curve.columns)
+    # every kept row is a row of the full curve, in order, with the first and last among them
+    kept = curve.reset_index().merge(thin, on=list(curve.columns))["index"].to_numpy()
+    assert len(kept) == len(thin) and np.all(np.diff(kept) > 0) and kept[0] == 0 and kept[-1] == len(curve) - 1
+    # no evenly spaced level is further from a kept row than the largest gap of the full curve
+    levels = np.linspace(curve["coverage"].iloc[0], 1.0, 101)
+    nearest = np.abs(levels[:, None] - thin["coverage"].to_numpy()[None, :]).min(axis=1)
+    assert nearest.max() <= np.diff(curve["coverage"]).max()
+    short = sel.risk_coverage(conf[:50], correct[:50])
+    assert sel.thin_curve(short, rows=100) is short
+
+
 # ====== AURC ======
 
 @pytest.mark.parametrize("seed", range(4))

@@ -15,7 +15,7 @@ from tools.files import atomic_path
 from tools.calibration import N_BINS, ece, reliability_bins
 from tools.gradcam import overlay
 from tools.metrics import REFERENCE_THRESHOLD
-from tools.selective import aurc_from_curve
+from tools.selective import aurc_from_curve, thin_curve
 from tools.slicing import group_values
 
 MAX_PLOTTED_GROUPS = 10  # the largest groups are drawn; the CSV beside a figure keeps every group
@@ -184,7 +184,8 @@ def plot_reliability(probs, y, out_path, title, n_bins=N_BINS):
 def plot_risk_coverage(curves, out_path, title, oracle=None, random_risk=None):
     """Risk-coverage figure: one line per confidence signal, AURC in the legend.
 
-    ``curves`` maps a signal name to its ``risk_coverage`` frame; ``oracle`` (an ``oracle_curve``
+    ``curves`` maps a signal name to its full ``risk_coverage`` frame (the AURC is computed from it;
+    the line drawn is its ``thin_curve``); ``oracle`` (an ``oracle_curve``
     frame) is drawn dashed, and ``random_risk`` (the full-coverage risk, which a random ranking
     achieves at every coverage in expectation) as a horizontal line. Written atomically
     (:func:`save_figure`).
@@ -192,10 +193,12 @@ def plot_risk_coverage(curves, out_path, title, oracle=None, random_risk=None):
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
     for name, curve in curves.items():
-        ax.plot(curve["coverage"], curve["risk"],
+        drawn = thin_curve(curve)
+        ax.plot(drawn["coverage"], drawn["risk"],
                 label=f"{name} (AURC {aurc_from_curve(curve):.4f})")
     if oracle is not None and len(oracle):
-        ax.plot(oracle["coverage"], oracle["risk"], linestyle="--", color="black",
+        drawn = thin_curve(oracle)
+        ax.plot(drawn["coverage"], drawn["risk"], linestyle="--", color="black",
                 label=f"oracle (AURC {aurc_from_curve(oracle):.4f})")
     if random_risk is not None and np.isfinite(random_risk):
         ax.axhline(random_risk, linestyle=":", color="grey",

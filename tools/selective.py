@@ -13,7 +13,9 @@ confident, ``confidence_from_spread``).
 Risk-coverage curve (``risk_coverage``): for each distinct confidence value t, from high to low,
 keep the pairs with confidence >= t. ``n_kept`` is their number, ``coverage = n_kept / n`` and
 ``risk`` their error rate. Pairs with equal confidence are kept or dropped together, so there
-is one row per distinct confidence value and no subsampling.
+is one row per distinct confidence value and no subsampling. What is written and drawn keeps at
+most ``CURVE_ROWS`` + 1 of those rows (``thin_curve``: the rows nearest to evenly spaced coverage
+levels, the first and the last always kept); every number is computed from the full curve.
 
 AURC (Geifman et al. 2019, "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers",
 https://arxiv.org/abs/1805.08206): the mean selective risk over the coverage levels k / n,
@@ -48,6 +50,9 @@ from tools.calibration import decision_correct, none_if_nan
 from tools.metrics import accumulate_rows, as_resamples, count_at_most, cumsum_rows, map_run_sums, run_numbers
 
 CURVE_COLUMNS = ["coverage", "risk", "threshold", "n_kept"]
+# Rows of a written curve: ChestX-ray14's test split has 1.5 million distinct confidences over its
+# 14 labels, a 100 MB CSV per signal that no plot or script needs at that resolution.
+CURVE_ROWS = 10_000
 RISK_TARGETS = (0.01, 0.02, 0.05, 0.10)
 
 
@@ -127,6 +132,20 @@ def risk_coverage(confidence, correct):
         "threshold": conf_sorted[ends],
         "n_kept": n_kept,
     })[CURVE_COLUMNS]
+
+
+def thin_curve(curve, rows: int = CURVE_ROWS):
+    """The rows of a ``risk_coverage`` frame nearest to ``rows + 1`` evenly spaced coverage levels
+    (duplicates dropped; the first and last rows always kept), or the frame itself when it is no
+    longer than that. Each kept row is exact: nothing is interpolated."""
+    if len(curve) <= rows + 1:
+        return curve
+    coverage = curve["coverage"].to_numpy(dtype=float)
+    levels = np.linspace(coverage[0], coverage[-1], rows + 1)
+    right = np.clip(np.searchsorted(coverage, levels), 1, len(coverage) - 1)
+    nearer_left = (levels - coverage[right - 1]) <= (coverage[right] - levels)
+    keep = np.unique(np.concatenate(([0], np.where(nearer_left, right - 1, right), [len(coverage) - 1])))
+    return curve.iloc[keep].reset_index(drop=True)
 
 
 def aurc_from_curve(curve):

@@ -20,7 +20,7 @@ from tools.metrics import bootstrap_resamples, percentile_ci, sigmoid
 from tools.predictions import signal_columns
 from tools.runtime import Run
 from tools.selective import (confidence_from_probs, confidence_from_spread, known_decisions, oracle_curve,
-                             risk_coverage, same_ranking, selective_resamples, summary_of_curve)
+                             risk_coverage, same_ranking, selective_resamples, summary_of_curve, thin_curve)
 from tools.stats import bootstrap_p
 from tools.splits import SplitData
 from tools.stages.calibrate import fitted_temperature
@@ -155,16 +155,16 @@ def write_selective(run: Run, data: SplitData, probs, labels, signals: dict, pri
             curve_j = risk_coverage(c_j, ok_j)
             summaries[name]["per_label"][lbl] = summary_of_curve(curve_j, ok_j)
             if name == primary:
-                per_label.append(curve_j.assign(label=lbl))
+                per_label.append(thin_curve(curve_j).assign(label=lbl))
     comparisons = selective_intervals(summaries, resamples)
     verdict = best_signal_sentence(summaries, comparisons)
     summary = {"split": split, "confidence": primary, **summaries[primary],
                "signals": {k: v for k, v in summaries.items()}, "comparisons": comparisons, "best_signal": verdict,
                "decisions": "known (image, label) pairs at threshold 0.5; risk = error rate of kept pairs"}
-    write_csv(run.outdir / f"risk_coverage_{split}.csv", curves[primary])
+    write_csv(run.outdir / f"risk_coverage_{split}.csv", thin_curve(curves[primary]))
     for name, curve in curves.items():
         if name != primary:
-            write_csv(run.outdir / f"risk_coverage_{split}_{name}.csv", curve)
+            write_csv(run.outdir / f"risk_coverage_{split}_{name}.csv", thin_curve(curve))
     write_csv(run.outdir / f"risk_coverage_{split}_per_label.csv", pd.concat(per_label, ignore_index=True))
     full_risk = summary["risk_at_full_coverage"]
     figures.plot_risk_coverage(curves, run.outdir / f"risk_coverage_{split}.png", f"risk-coverage ({split}, n pairs = {summary['n']})",
