@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+BENCH_STAMP := $(VENV)/.bench-$(shell cksum requirements-bench.txt | cut -d' ' -f1)
 DEMO := data/demo
 OUT := outputs/demo
 # Demo model: 128 px, trained from scratch on the CPU (no ImageNet weights offline), hence lr 1e-3.
@@ -34,8 +35,15 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
-bench: install
+bench: install $(BENCH_STAMP)
 	$(PY) -m tools.bench
+	$(PY) -m tools.bench --backends --out outputs/bench/backends.json
+
+# The runtimes the bench compares with PyTorch eager (item 8); the suite itself does not need them.
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
+	$(PY) -m pip install -q --no-compile -r requirements-bench.txt
+	rm -f $(VENV)/.bench-*
+	touch $@
 
 clean-demo:
 	rm -rf $(DEMO) $(OUT)

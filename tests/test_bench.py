@@ -273,3 +273,30 @@ def test_the_analyses_at_scale_run_alone_and_agree_with_the_reference_loop(tmp_p
 def test_reference_resamples_cannot_exceed_the_resamples():
     with pytest.raises(UserError, match="--reference-resamples 50"):
         bench.resolve_options(bench.build_parser().parse_args(["--scale-resamples", "20", "--reference-resamples", "50"]))
+
+
+@pytest.mark.slow
+def test_backends_item_compares_runtimes_with_eager_and_says_what_it_could_not_measure(tmp_path):
+    out = tmp_path / "backends.json"
+    assert bench.main(["--backends", "--no-compile-backend", "--image-size", "32", "--repeats", "1",
+                       "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["items"]) == {"backends"}
+    item = doc["items"]["backends"]
+    assert item["eager_img_s"] > 0 and all(v > 0 for v in item["timings"]["eager_s"])
+    assert item["backends"]["torch.compile"] == {"measured": False, "note": "not measured (--no-compile-backend)"}
+    ort = item["backends"]["onnxruntime"]
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        assert ort == {"measured": False, "note": f"{exc.name} is not installed (pip install -r requirements-bench.txt "
+                                                   "to measure ONNX Runtime)"}
+        return
+    assert ort["max_abs_logit_diff"] <= bench.BACKEND_TOLERANCE
+    assert ort["adopt"] is (ort["ratio_vs_eager"] >= bench.BACKEND_MARGIN)
+
+
+def test_backends_item_refuses_the_gpu_mode():
+    with pytest.raises(UserError, match="--backends measures CPU runtimes"):
+        bench.resolve_options(bench.build_parser().parse_args(["--backends", "--gpu"]))

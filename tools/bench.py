@@ -40,6 +40,10 @@ Items:
    over ``--reference-resamples`` of the same resamples, extrapolated to all of them and stated as
    such; the suite's values on those resamples are checked against the loop's; and the three
    stages writing their files and figures from the same table. ``--analyses`` runs this item only.
+8. Other CPU runtimes (``--backends`` runs this item only, and it runs only when asked): fp32
+   inference through ``torch.compile`` and ONNX Runtime (when installed) against PyTorch eager,
+   with the largest logit difference and the rule for adopting one (``BACKEND_MARGIN``,
+   ``BACKEND_TOLERANCE``).
 
 ``--gpu`` (CUDA only) instead measures eval images/s at batch 256 in bf16 + channels_last, with
 and without ``torch.compile``, and the warm-cache data-wait fraction.
@@ -908,6 +912,100 @@ def item_analyses(b: Bench) -> dict:
                         **{f"stage_{k}_with_files_s": v for k, v in files.items()}}}
 
 
+# ====== other CPU runtimes ======
+
+BACKEND_MARGIN = 1.3       # a runtime is worth adopting only when it is at least this much faster
+BACKEND_TOLERANCE = 1e-4   # ... and its logits stay within this of eager fp32 (absolute)
+
+
+def onnx_session(model: torch.nn.Module, example: torch.Tensor, path: Path):
+    """An ONNX Runtime CPU session of ``model`` exported to ``path`` (batch size dynamic), or the
+    reason there is none (onnxruntime or onnx not installed)."""
+    import warnings
+
+    try:
+        import onnx  # noqa: F401 - the exporter writes through it
+        import onnxruntime
+    except ImportError as exc:
+        return None, f"{exc.name} is not installed (pip install -r requirements-bench.txt to measure ONNX Runtime)"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        # the TorchScript-based exporter: it needs only the onnx package, not onnxscript
+        torch.onnx.export(model, (example,), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    # ONNX Runtime's threads otherwise busy-wait after each run, taking the cores from whatever
+    # runs next (here: the eager side of the comparison)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]), None
+
+
+def item_backends(b: Bench) -> dict:
+    """8. fp32 CPU inference of DenseNet-121 through other runtimes against PyTorch eager as the
+    suite runs it (channels_last, inference_mode), one batch of the suite's inference size at
+    ``--image-size``, interleaved batch by batch: ``torch.compile`` (inductor, the model's
+    features, as ``--compile`` does) and ONNX Runtime (the model exported with
+    ``torch.onnx.export``; only where onnxruntime is installed). Per runtime: images/s, the ratio
+    against eager, the largest logit difference, its one-off warm-up (export or compilation), and
+    whether it meets the adoption rule (``BACKEND_MARGIN`` faster and within ``BACKEND_TOLERANCE``)."""
+    from tools.model import prepare_model
+    from tools.runtime import Run
+
+    batch = Run(b.tmp / "out", b.device, "fp32", b.opts.seed).inference_batch
+    torch.manual_seed(b.opts.seed)
+    x = torch.randn(batch, 3, b.opts.image_size, b.opts.image_size)
+    base = bench_model(b.opts.seed)
+    eager = prepare_model(copy.deepcopy(base), b.device)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+
+    def run_eager():
+        with torch.inference_mode():
+            return eager(x_last).float().numpy()
+
+    reference = run_eager()
+    sides, results, warm_s = {"eager": run_eager}, {}, {}
+    if b.opts.compile_backend:
+        compiled = prepare_model(copy.deepcopy(base), b.device)
+        compiled.features = torch.compile(compiled.features)
+
+        def run_compiled():
+            with torch.inference_mode():
+                return compiled(x_last).float().numpy()
+
+        results["torch.compile"], warm_s["torch.compile"] = timed(run_compiled, b.device)
+        sides["torch.compile"] = run_compiled
+    else:
+        results["torch.compile"] = "not measured (--no-compile-backend)"
+    start = time.perf_counter()
+    session, why_not = onnx_session(base, x, b.tmp / "densenet121.onnx")
+    if session is None:
+        results["onnxruntime"] = why_not
+    else:
+        x_np = x.numpy()
+        sides["onnxruntime"] = lambda: session.run(None, {"x": x_np})[0]
+        results["onnxruntime"] = sides["onnxruntime"]()
+        warm_s["onnxruntime"] = time.perf_counter() - start
+    times = interleaved(sides, max(b.opts.repeats, 3), b.device)
+    backends = {}
+    for name, out in results.items():
+        if isinstance(out, str):
+            backends[name] = {"measured": False, "note": out}
+            continue
+        ratio = paired_ratio(times["eager"], times[name])
+        diff = float(np.abs(out - reference).max())
+        backends[name] = {"measured": True, "img_s": batch / median(times[name]), "ratio_vs_eager": ratio,
+                          "max_abs_logit_diff": diff, "warm_up_s": warm_s[name],
+                          "adopt": bool(ratio >= BACKEND_MARGIN and diff <= BACKEND_TOLERANCE)}
+    measured = [v["ratio_vs_eager"] for v in backends.values() if v["measured"]]
+    best = max(measured, default=1.0)
+    return {"name": "fp32 CPU runtimes vs PyTorch eager", "batch": batch, "image_size": b.opts.image_size,
+            "eager_img_s": batch / median(times["eager"]), "backends": backends, "ratio": best,
+            "target": f">= {BACKEND_MARGIN:g} to adopt, |dlogit| <= {BACKEND_TOLERANCE:g}",
+            "met": any(v.get("adopt") for v in backends.values()),
+            "timings": {f"{k}_s": v for k, v in times.items()}}
+
+
 # ====== the GPU mode ======
 
 def gpu_bench(b: Bench, csv: Path) -> dict:
@@ -1032,6 +1130,17 @@ def table_rows(items: dict) -> list[list]:
         rows.append(["7d", "the three stages writing their files and figures, s",
                      " / ".join(f"{t[f'stage_{k}_with_files_s']:.1f}" for k in SCALE_PARTS),
                      f"{a['stages_with_files_s']:.1f} s", "", "", None])
+    bk = items.get("backends")
+    if bk:
+        rows.append(["8", f"fp32 CPU, batch {bk['batch']} at {bk['image_size']} px: PyTorch eager (the suite)",
+                     f"{bk['eager_img_s']:.1f} img/s", "", "", "", None])
+        for name, v in bk["backends"].items():
+            if not v["measured"]:
+                rows.append(["8", f"{name}: {v['note']}", "", "", "", "", None])
+                continue
+            rows.append(["8", f"{name} vs eager (max |dlogit| {v['max_abs_logit_diff']:.1g}, warm-up {v['warm_up_s']:.0f} s)",
+                         f"{v['img_s']:.1f} img/s", f"{bk['eager_img_s']:.1f} img/s", f"{v['ratio_vs_eager']:.2f}x",
+                         f">= {BACKEND_MARGIN:g}x to adopt", v["adopt"]])
     g = items.get("gpu")
     if g:
         rows.append(["G", f"eval batch {g['batch']} {g['precision']}+channels_last, eager", f"{g['eager_img_s']:.0f} img/s",
@@ -1071,6 +1180,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--reference-resamples", type=int, default=None,
                        help=f"resamples the per-resample scikit-learn loop runs, extrapolated to all "
                             f"(full {SCALE['reference_resamples']})")
+    runtimes = parser.add_argument_group("other CPU runtimes (item 8)")
+    runtimes.add_argument("--backends", action="store_true",
+                          help="run only item 8: fp32 CPU inference through torch.compile and ONNX Runtime vs eager")
+    runtimes.add_argument("--no-compile-backend", dest="compile_backend", action="store_false",
+                          help="item 8 without torch.compile (its compilation takes a minute or more on a CPU)")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of the plain loop (item 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
     parser.add_argument("--gpu", action="store_true",
@@ -1098,6 +1212,8 @@ def resolve_options(opts) -> argparse.Namespace:
     if opts.reference_resamples > opts.scale_resamples:
         raise UserError(f"--reference-resamples {opts.reference_resamples}: at most --scale-resamples "
                         f"({opts.scale_resamples})")
+    if opts.gpu and opts.backends:
+        raise UserError("--backends measures CPU runtimes: run it without --gpu")
     if opts.gpu and not opts.analyses and not torch.cuda.is_available():
         raise UserError("--gpu: no CUDA device is available here; run `python -m tools.bench` without --gpu "
                         "for the CPU measurements, or run --gpu on a GPU machine")
@@ -1127,7 +1243,7 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
     from tools.runtime import resolve_device, resolve_precision
     from tools.make_demo_data import make_demo_dataset
 
-    device = resolve_device("cuda" if opts.gpu and not opts.analyses else "cpu")
+    device = resolve_device("cuda" if opts.gpu and not (opts.analyses or opts.backends) else "cpu")
     bench = Bench(opts, tmp, device, resolve_precision("auto", device))
     doc = {"machine": machine_info(device, bench.precision), "options": vars(opts), "items": {}}
     with OtherLoad() as idle:  # one quiet second: is anything else running?
@@ -1135,6 +1251,8 @@ def run_bench(opts, tmp: Path, out: Path) -> dict:
     doc["machine"]["other_jobs_cpu_share_at_start"] = idle.fraction
     workers = (os.cpu_count() or 1) if opts.gpu else 1
     steps = [("analyses", lambda: item_analyses(bench))] if opts.analyses else None
+    if opts.backends:
+        steps = [("backends", lambda: item_backends(bench))]
     if steps is None:
         demo_csv = Path(make_demo_dataset(tmp / "demo", n=opts.n_images, seed=opts.seed, size=256, workers=workers))
         steps = [("gpu", lambda: gpu_bench(bench, demo_csv))] if opts.gpu else None
