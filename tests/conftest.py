@@ -52,10 +52,10 @@ def demo(tmp_path_factory):
     return root, Path(csv)
 
 
-def train_argv(demo, out, epochs=2):
+def train_argv(demo, out, epochs=2, size=SIZE):
     """main.py arguments of the ``trained`` run (a resumed run must use the very same ones)."""
     root, csv = demo
-    return ["train", "--csv", csv, "--img-root", root, "--image-size", SIZE, "--epochs", epochs, "--pretrained",
+    return ["train", "--csv", csv, "--img-root", root, "--image-size", size, "--epochs", epochs, "--pretrained",
             "none", "--precision", "fp32", "--batch-size", 16, "--num-workers", 0, "--outdir", out]
 
 

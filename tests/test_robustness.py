@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -152,22 +153,38 @@ def test_one_class_split_gives_null_metrics_and_a_warning(bad, tmp_path, capsys)
 
 # ====== interrupted training ======
 
-def test_killed_training_resumes_to_the_same_result(demo, trained, tmp_path):
-    """SIGKILL during epoch 2, then --resume: the log and best.pt equal those of the uninterrupted
-    run with the same arguments (the ``trained`` fixture)."""
-    full = trained
+TINY = 32  # px of the films the interrupted runs train on
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(demo, output folder of its uninterrupted 2-epoch run) for 60 films at 32 px: the tests below
+    train a dozen times, each at a tenth of the ``trained`` run's cost. Its validation split has
+    both classes of every label, so epoch 1 always improves on nothing and writes best.pt."""
+    from tools.make_demo_data import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("tiny")
+    demo = (root, Path(make_demo_dataset(root, n=60, seed=5, size=TINY)))
+    full = tmp_path_factory.mktemp("tiny_full")
+    assert run_main(*train_argv(demo, full, size=TINY)) == 0
+    return demo, full
+
+
+def test_killed_training_resumes_to_the_same_result(tiny, tmp_path):
+    """SIGKILL once epoch 1 is saved, then --resume: the log and best.pt equal those of the
+    uninterrupted run with the same arguments."""
+    demo, full = tiny
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, killed))],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, killed, size=TINY))],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (killed / "last.pt").exists():
-        time.sleep(0.2)
-    time.sleep(0.5)  # into epoch 2
+        time.sleep(0.02)  # epoch 2 takes far longer than this: the kill falls inside it or epoch 1's saves
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(killed / "last.pt", weights_only=True)["epoch"] == 1
-    assert run_main(*train_argv(demo, killed), "--resume") == 0
+    assert run_main(*train_argv(demo, killed, size=TINY), "--resume") == 0
     _same_result(full, killed)
 
 
@@ -186,13 +203,14 @@ def _same_result(full, resumed):
         assert torch.allclose(value.float(), best_b["model"][key].float(), atol=1e-5), key
 
 
-def test_training_killed_at_each_step_of_a_save_resumes_to_the_same_result(demo, trained, tmp_path, capsys):
+def test_training_killed_at_each_step_of_a_save_resumes_to_the_same_result(tiny, tmp_path, capsys):
     """A kill before each file write of each epoch's save (last.pt, best.pt, train_log.csv,
     training_curves.png; a write itself is atomic, so a kill inside one equals a kill before it),
     then --resume: the log and best.pt equal the uninterrupted run's. Before the first last.pt
     exists there is nothing to resume, and --resume says so."""
     import tools.stages.train as stage
 
+    demo, full = tiny
     steps_seen = []
     for step in range(1, 10):
         out = tmp_path / f"step{step}"
@@ -211,7 +229,7 @@ def test_training_killed_at_each_step_of_a_save_resumes_to_the_same_result(demo,
             patch.setattr(stage, "write_csv", wrap(stage.write_csv))
             patch.setattr(stage.figures, "training_curves", wrap(stage.figures.training_curves))
             try:
-                run_main(*train_argv(demo, out))
+                run_main(*train_argv(demo, out, size=TINY))
             except Killed:
                 steps_seen.append(calls[-1])
             else:
@@ -219,21 +237,21 @@ def test_training_killed_at_each_step_of_a_save_resumes_to_the_same_result(demo,
         if not (out / "last.pt").exists():
             assert step == 1
             capsys.readouterr()
-            assert run_main(*train_argv(demo, out), "--resume") == 2
+            assert run_main(*train_argv(demo, out, size=TINY), "--resume") == 2
             assert "last.pt not found; run train without --resume first" in capsys.readouterr().err
             continue
-        assert run_main(*train_argv(demo, out), "--resume") == 0
-        _same_result(trained, out)
+        assert run_main(*train_argv(demo, out, size=TINY), "--resume") == 0
+        _same_result(full, out)
     # epoch 1 always improves (4 writes); epoch 2 writes best.pt only when it improves
     assert steps_seen[:4] == ["save_torch", "save_torch", "write_csv", "training_curves"]
     assert len(steps_seen) in (7, 8) and steps_seen[4] == "save_torch" and steps_seen[-1] == "training_curves"
 
 
-def test_ctrl_c_stops_cleanly_with_one_line(demo, tmp_path):
-    out = tmp_path / "int"
+def test_ctrl_c_stops_cleanly_with_one_line(tiny, tmp_path):
+    demo, out = tiny[0], tmp_path / "int"
     # A shell starts background jobs with SIGINT ignored and children inherit that; this run gets
     # the default disposition so the test holds however the suite itself was started.
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, out, epochs=20))],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, train_argv(demo, out, epochs=20, size=TINY))],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
