@@ -10,6 +10,8 @@ OUT := outputs/demo
 DEMO_FLAGS := --csv $(DEMO)/demo.csv --img-root $(DEMO)
 EPOCHS ?= 5
 NPROC := $(shell nproc 2>/dev/null || echo 1)
+# Test processes (pytest-xdist): one per core, at most 4; each builds its own small fixtures.
+TEST_WORKERS ?= $(shell n=$(NPROC); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: install demo test bench clean-demo
 
@@ -33,7 +35,7 @@ demo: install
 	@echo "report: $(CURDIR)/$(OUT)/valtool/report.html"
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: install $(BENCH_STAMP)
 	$(PY) -m tools.bench

@@ -21,6 +21,11 @@ os.environ.setdefault("CXR_CACHE_DIR", str(SCRATCH / "cache"))
 (SCRATCH / "tmp").mkdir()
 os.environ["TMPDIR"] = str(SCRATCH / "tmp")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Under pytest-xdist (make test runs a worker per core) each worker takes its share of the cores:
+# thread pools as wide as the machine, one per worker on the same cores, slow torch several-fold.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
 
 SIZE = 64
 
