@@ -23,12 +23,12 @@ $(STAMP): requirements.txt
 	# Byte-compile only what the suite imports: pip would compile every file of torch (a minute more).
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import torch, torchvision, sklearn.linear_model, sklearn.model_selection, \
 	sklearn.cluster, sklearn.metrics, scipy.stats, scipy.special, pandas, matplotlib.figure, \
-	matplotlib.backends.backend_agg, cv2, albumentations, pytest"
+	matplotlib.backends.backend_agg, cv2, albumentations, pydicom, pytest"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
 demo: install
-	$(PY) -m tools.make_demo_data --out $(DEMO) --n 1000 --seed 0 --workers $(NPROC)
+	$(PY) -m tools.make_demo_data --out $(DEMO) --n 1000 --seed 0 --workers $(NPROC) --format mixed
 	$(PY) -m tools.check_data $(DEMO_FLAGS)
 	$(PY) main.py train $(DEMO_FLAGS) --image-size 128 --epochs $(EPOCHS) --lr 1e-3 --pretrained none --outdir $(OUT)/train
 	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site num_findings_bin --outdir $(OUT)/valtool

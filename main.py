@@ -15,7 +15,8 @@ import numpy as np
 
 from tools.cli import (Formatter, common_parser, discovery_flags, guarded, model_options, prediction_flags, run_options,
                        slicing_flags, table_options, uncertainty_flags)
-from tools.corruptions import SEVERITIES
+from tools.corruptions import CHOICES as CORRUPTION_CHOICES
+from tools.corruptions import FAMILIES, SEVERITIES, corruption_names
 from tools.errors import UserError
 
 log = logging.getLogger("cxr")
@@ -48,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     slicing_flags(ev)
 
     st = sub.add_parser("stress", parents=[common], formatter_class=Formatter,
-                        help="metrics under noise, blur, JPEG, brightness/contrast at 3 severities")
+                        help="metrics under image corruptions (noise, blur, JPEG, brightness/contrast; acquisition "
+                             "faults) at 3 severities")
     prediction_flags(st)
-    st.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
+    corruption_flag(st)
     st.add_argument("--group-col", nargs="+", default=[], help="also write stress_by_<C>.csv per column")
     st.add_argument("--bootstrap", type=int, default=1000,
                     help="paired bootstrap resamples for the intervals of each drop (patients when patient_id exists); 0 = off")
@@ -77,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     prediction_flags(vt)
     slicing_flags(vt)
     uncertainty_flags(vt, reuse=False)
-    vt.add_argument("--corruptions", nargs="+", choices=list(SEVERITIES), default=list(SEVERITIES))
+    corruption_flag(vt)
     vt.add_argument("--case-label", default=None, help="label for the case-study panels (default: the last label)")
     vt.add_argument("--compare-with", default=None, metavar="A",
                     help="a reference model (file or predictions CSV): the report compares the audited model with it")
@@ -100,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="for a predictions CSV: read <label>_prob or <label>_logit (default: logits when present)")
     slicing_flags(cmp)
     return parser
+
+
+def corruption_flag(parser) -> None:
+    families = "; ".join(f"{name}: {' '.join(members)}" for name, members in FAMILIES.items())
+    parser.add_argument("--corruptions", nargs="+", choices=CORRUPTION_CHOICES, default=["default"], metavar="NAME",
+                        help=f"families ({families}), all, or single names ({' '.join(SEVERITIES)}); "
+                             "default: the default family")
 
 
 # ====== shared steps ======
@@ -168,7 +177,7 @@ def cmd_stress(args) -> None:
         raise UserError("stress needs the model: pass --weights (a model file); predictions alone cannot be corrupted")
     data = subject.split(run, args.split)
     clean_logits = subject.logits(run, data, desc="clean")["logits"]
-    results = corrupted_logits(run, subject.model, data, args.corruptions)
+    results = corrupted_logits(run, subject.model, data, corruption_names(args.corruptions))
     write_stress(run, data, clean_logits, results, subject.labels, args.group_col, args.bootstrap)
 
 
@@ -229,7 +238,8 @@ def cmd_valtool(args) -> None:
                           img_root=args.img_root, labels=args.labels, split=args.split, val_split=args.val_split,
                           calib_split=args.calib_split,
                           group_cols=args.group_col, min_group_size=args.min_group_size, bootstrap=args.bootstrap,
-                          mc_samples=args.mc_samples, tta_samples=args.tta_samples, corruptions=args.corruptions,
+                          mc_samples=args.mc_samples, tta_samples=args.tta_samples,
+                          corruptions=corruption_names(args.corruptions),
                           case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,
                           compare_with=args.compare_with, discover=not args.no_discover,
                           discover_split=args.discover_split, label_audit_folds=args.label_audit_folds,

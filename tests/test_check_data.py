@@ -153,3 +153,71 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
     assert code == 2 and "Pneumonia not found" in err and "columns are:" in err
     code, _, err = run(capsys, "--csv", csv, "--img-root", tmp_path / "nowhere")
     assert code == 2 and "--img-root" in err and "no such folder" in err
+
+
+# ====== DICOM ======
+
+def write_dicom_film(path, photometric="MONOCHROME2", bits=12, syntax="1.2.840.10008.1.2.1", window=True, **headers):
+    """A 40 x 36 film (JPEG 2000's six wavelet levels need 32 px) with the given headers."""
+    from tools.dicom import write_dicom
+
+    stored = np.random.default_rng(len(str(path))).integers(0, 2**bits, (40, 36)).astype(np.uint16 if bits > 8 else np.uint8)
+    attributes = {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": f"1.2.3.{len(str(path))}",
+                  "PhotometricInterpretation": photometric, "BitsStored": bits, **headers}
+    if window:
+        attributes.update(WindowCenter="2048", WindowWidth="4096")
+    write_dicom(path, stored, attributes, syntax)
+    return path
+
+
+def test_dicom_audit_counts_the_headers_that_were_written(tmp_path, capsys):
+    """Four DICOM films beside PNGs: counts per photometric interpretation, bits, transfer syntax,
+    modality and view equal what was written; the film without a window is a note, the lateral
+    one a warning; a transfer syntax nothing here decodes is a warning and its film a problem."""
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    csv, root, _ = clean_fixture(tmp_path)
+    write_dicom_film(root / "d1.dcm", syntax="1.2.840.10008.1.2.5", Modality="DX", ViewPosition="PA")
+    write_dicom_film(root / "d2.dcm", "MONOCHROME1", Modality="CR", ViewPosition="AP")
+    write_dicom_film(root / "d3.dcm", bits=8, window=False, Modality="DX", ViewPosition="LL")
+    write_dicom_film(root / "d4", syntax="1.2.840.10008.1.2.4.90", Modality="DX", ViewPosition="PA")  # no extension
+    mpeg = pydicom.dcmread(write_dicom_film(root / "d5.dcm", Modality="DX", ViewPosition="PA"))
+    mpeg.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.4.100")  # MPEG2: no decoder here
+    mpeg.PixelData = encapsulate([b"\0" * 16])
+    mpeg["PixelData"].VR = "OB"
+    mpeg.save_as(root / "d5.dcm", enforce_file_format=True)
+    df = pd.read_csv(csv)
+    extra = pd.DataFrame({"image_path": ["d1.dcm", "d2.dcm", "d3.dcm", "d4", "d5.dcm"], "Cardiomegaly": [0, 1, 0, 1, 0],
+                          "Edema": 1, "Effusion": 0, "patient_id": ["p7", "p7", "p8", "p8", "p8"], "split": "test",
+                          "age": 50})
+    pd.concat([df, extra]).to_csv(csv, index=False)
+
+    code, out, _ = run(capsys, "--csv", csv, "--img-root", root, "--out", tmp_path / "r.json")
+    report = json.loads((tmp_path / "r.json").read_text())
+    audit = report["dicom"]
+    assert audit["files"] == 5
+    assert audit["photometric"] == {"MONOCHROME2": 4, "MONOCHROME1": 1}
+    assert audit["bits_stored"] == {"12": 4, "8": 1}
+    assert audit["modality"] == {"DX": 4, "CR": 1}
+    assert audit["view"] == {"PA": 3, "AP": 1, "LL": 1}
+    syntaxes = {s["uid"]: (s["files"], s["decodable"]) for s in audit["transfer_syntax"]}
+    assert syntaxes == {"1.2.840.10008.1.2.1": (2, True), "1.2.840.10008.1.2.5": (1, True),
+                        "1.2.840.10008.1.2.4.90": (1, True), "1.2.840.10008.1.2.4.100": (1, False)}
+    assert audit["without_window"] == {"count": 1, "first": [str(root / "d3.dcm")]}
+    assert audit["lateral"] == [str(root / "d3.dcm")]
+    assert any("1 DICOM film(s) carry no window" in n for n in report["notes"])
+    assert any("1 DICOM film(s) have a lateral ViewPosition" in w for w in report["warnings"])
+    assert any("MPEG2" in w and "cannot decode" in w for w in report["warnings"])
+    # the MPEG2 film cannot be read: the image pass names it, and says why
+    assert code == 1 and [u["path"] for u in report["images"]["undecodable"]] == [str(root / "d5.dcm")]
+    assert "cannot be decoded by this installation" in report["images"]["undecodable"][0]["error"]
+    assert report["images"]["decoded"] == 16
+    assert "DICOM (5 of 17 images; headers)" in out and "NOT decodable here" in out
+
+
+def test_no_dicom_no_audit(tmp_path, capsys):
+    csv, root, _ = clean_fixture(tmp_path)
+    code, out, _ = run(capsys, "--csv", csv, "--img-root", root, "--out", tmp_path / "r.json")
+    assert code == 0 and json.loads((tmp_path / "r.json").read_text())["dicom"] is None and "DICOM" not in out

@@ -11,11 +11,16 @@ import pytest
 
 from tools.figures import plot_corruption_examples
 from tools.corruptions import (
+    CHOICES,
     CORRUPTIONS,
+    FAMILIES,
+    MARKER_TEXTS,
     PARAM_NAMES,
     SEVERITIES,
     apply_corruption,
+    corruption_names,
     image_rng,
+    param_label,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +36,22 @@ def textured_image(size=96, seed=0):
 
 
 def test_table_is_the_spec():
-    assert SEVERITIES == {
+    default = {name: SEVERITIES[name] for name in FAMILIES["default"]}
+    assert default == {
         "gaussian_noise": [10, 25, 50],
         "gaussian_blur": [3, 5, 9],
         "jpeg": [70, 50, 30],
         "brightness_contrast": [0.15, 0.30, 0.45],
     }
+    assert {name: SEVERITIES[name] for name in FAMILIES["acquisition"]} == {
+        "inversion": [0.25, 0.50, 1.00],
+        "window": [0.60, 0.40, 0.25],
+        "bit_depth": [6, 4, 3],
+        "rotation": [5, 10, 15],
+        "collimation": [0.05, 0.10, 0.20],
+        "markers": [0.05, 0.08, 0.12],
+    }
+    assert list(SEVERITIES) == [*FAMILIES["default"], *FAMILIES["acquisition"]]
     assert set(PARAM_NAMES) == set(SEVERITIES) == set(CORRUPTIONS)
     assert PARAM_NAMES["gaussian_noise"] == "variance" and PARAM_NAMES["gaussian_blur"] == "kernel"
     assert PARAM_NAMES["jpeg"] == "quality"
@@ -223,3 +238,173 @@ def test_plot_corruption_examples_writes_one_png_atomically(tmp_path):
     picture = cv2.imread(str(out))
     assert picture is not None and picture.shape[0] > 400 and picture.shape[1] > 400
     assert picture.std() > 5  # not blank
+
+
+# ====== the two families and --corruptions ======
+
+def test_corruptions_flag_values_expand_to_names_in_table_order():
+    assert corruption_names(["default"]) == ["gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast"]
+    assert corruption_names(["acquisition"]) == list(FAMILIES["acquisition"])
+    assert corruption_names(["all"]) == list(SEVERITIES)
+    # single names, as --corruptions always accepted, and mixtures, each name once
+    assert corruption_names(["jpeg"]) == ["jpeg"]
+    assert corruption_names(["markers", "default", "jpeg"]) == [*FAMILIES["default"], "markers"]
+    assert set(CHOICES) == {"default", "acquisition", "all", *SEVERITIES}
+    with pytest.raises(ValueError, match="--corruptions fog"):
+        corruption_names(["fog"])
+
+
+def test_parameter_labels_name_each_severity():
+    assert [param_label("inversion", k) for k in (1, 2, 3)] == [
+        "25% of films inverted", "50% of films inverted", "100% of films inverted"]
+    assert param_label("window", 3) == "width x0.25"
+    assert param_label("bit_depth", 2) == "4 bits"
+    assert param_label("rotation", 1) == "\u00b15\u00b0"
+    assert param_label("collimation", 3) == "20% cropped per border"
+    assert param_label("markers", 2) == "2 marks, 8% high"
+
+
+# ====== acquisition faults, each parameter measured on images ======
+
+def film(size=96, seed=0):
+    """A mid-grey textured film with no pixel at 0 or 255 (no content line is mistaken for padding)."""
+    return np.clip(textured_image(size, seed), 20, 235).astype(np.uint8)
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_inversion_inverts_whole_films_with_the_tables_share(severity):
+    share = SEVERITIES["inversion"][severity - 1]
+    image = film(32)
+    inverted = 0
+    for index in range(400):
+        out = apply_corruption(image, "inversion", severity, seed=1, index=index)
+        if np.array_equal(out, image):
+            continue
+        np.testing.assert_array_equal(out, 255 - image)  # every pixel 255 - x, nothing in between
+        inverted += 1
+    if share == 1.0:
+        assert inverted == 400
+    else:  # binomial(400, share): 4 standard deviations
+        assert abs(inverted / 400 - share) < 4 * np.sqrt(share * (1 - share) / 400)
+
+
+def test_inversion_leaves_the_letterbox_padding_black():
+    image = np.zeros((40, 40), np.uint8)
+    image[10:30, :] = film(40)[10:30, :]  # a wide film letterboxed: black bands above and below
+    out = apply_corruption(image, "inversion", 3, seed=0)
+    assert (out[:10] == 0).all() and (out[30:] == 0).all()
+    np.testing.assert_array_equal(out[10:30], 255 - image[10:30])
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_window_width_and_centre_measured_on_a_ramp(severity):
+    width = SEVERITIES["window"][severity - 1]
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
+    out = apply_corruption(ramp, "window", severity, seed=0)[0].astype(float)
+    inside = np.flatnonzero((out > 0) & (out < 255))
+    # the unclipped inputs span the new window: width x 255 grey levels about 127.5
+    assert inside[-1] - inside[0] + 1 == pytest.approx(width * 255, abs=2)
+    assert (inside[0] + inside[-1]) / 2 == pytest.approx(127.5, abs=1)
+    slope = np.polyfit(inside, out[inside], 1)[0]
+    assert slope == pytest.approx(1 / width, rel=0.02)
+    assert (out[: inside[0]] == 0).all() and (out[inside[-1] + 1:] == 255).all()
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_bit_depth_leaves_two_to_the_bits_grey_levels(severity):
+    bits = SEVERITIES["bit_depth"][severity - 1]
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (2, 1))
+    out = apply_corruption(ramp, "bit_depth", severity, seed=0)
+    levels = np.unique(out)
+    assert len(levels) == 2**bits and levels[0] == 0 and levels[-1] == 255
+    assert np.abs(out.astype(int) - ramp).max() <= 256 // 2**bits  # within one step of the original
+    # the levels are evenly spaced, as b bits spread over 0-255
+    assert np.allclose(np.diff(levels), 255 / (2**bits - 1), atol=1)
+
+
+def line_angle(image) -> float:
+    """Angle in degrees (counter-clockwise, image y up) of the bright line in ``image``, from the
+    principal axis of its bright pixels."""
+    ys, xs = np.nonzero(image > 128)
+    coords = np.stack([xs - xs.mean(), -(ys - ys.mean())])
+    _, vectors = np.linalg.eigh(np.cov(coords))
+    dx, dy = vectors[:, -1]
+    return float(np.degrees(np.arctan2(dy, dx)) + 180) % 180
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_rotation_angle_recovered_from_a_rotated_line(severity):
+    degrees = SEVERITIES["rotation"][severity - 1]
+    image = np.zeros((129, 129), np.uint8)
+    image[63:66, 20:109] = 255  # a horizontal line through the centre
+    assert line_angle(image) == pytest.approx(0, abs=0.2) or line_angle(image) == pytest.approx(180, abs=0.2)
+    signs = set()
+    for index in range(12):
+        out = apply_corruption(image, "rotation", severity, seed=2, index=index)
+        angle = line_angle(out)
+        angle = angle - 180 if angle > 90 else angle
+        assert abs(angle) == pytest.approx(degrees, abs=0.5)
+        signs.add(np.sign(angle))
+    assert signs == {-1.0, 1.0}  # both directions occur
+    flat = np.full((64, 64), 200, np.uint8)
+    out = apply_corruption(flat, "rotation", severity, seed=2)
+    assert out[0, 0] == 0 and out[-1, -1] == 0 and out[32, 32] == 200  # corners black, centre kept
+
+
+@pytest.mark.parametrize("severity", [1, 2, 3])
+def test_collimation_crops_the_tables_share_of_each_border(severity):
+    share = SEVERITIES["collimation"][severity - 1]
+    size = 200
+    ramp = np.tile(np.linspace(0, 255, size), (size, 1))  # value = 255 x column / (size - 1)
+    out = apply_corruption(np.rint(ramp).astype(np.uint8), "collimation", severity, seed=0).astype(float)
+    # the first and last columns now show the columns share x size in from each border
+    removed_left = out[:, 0].mean() / 255 * (size - 1) / size
+    removed_right = 1 - out[:, -1].mean() / 255 * (size - 1) / size
+    assert removed_left == pytest.approx(share, abs=0.01)
+    assert removed_right == pytest.approx(share, abs=0.01)
+    # vertically the same: a ramp down the rows
+    out_t = apply_corruption(np.rint(ramp.T).astype(np.uint8), "collimation", severity, seed=0).astype(float)
+    assert out_t[0].mean() / 255 == pytest.approx(share, abs=0.01)
+    # magnified by 1 / (1 - 2 share): the slope across the film
+    slope = np.polyfit(np.arange(size), out[size // 2], 1)[0]
+    assert slope == pytest.approx(255 / (size - 1) * (1 - 2 * share), rel=0.02)
+
+
+def test_markers_are_saturated_white_and_grow_with_severity():
+    image = np.full((128, 128), 100, np.uint8)
+    counts = []
+    for severity in (1, 2, 3):
+        per_film = []
+        for index in range(6):
+            out = apply_corruption(image, "markers", severity, seed=4, index=index)
+            changed = out != image
+            assert (out[changed] == 255).all()  # burned in: saturated, no anti-aliased edge
+            per_film.append(int(changed.sum()))
+        counts.append(np.mean(per_film))
+    assert 0 < counts[0] < counts[1] < counts[2]
+    # the marks sit in the film's corners: nothing in the central half
+    out = apply_corruption(image, "markers", 3, seed=4)
+    assert (out[32:96, 32:96] == 100).all()
+    assert [len(texts) for texts in MARKER_TEXTS] == [1, 2, 3]
+
+
+def test_markers_stay_inside_the_film_box():
+    image = np.zeros((128, 128), np.uint8)
+    image[:, 32:96] = 100  # a tall film letterboxed: black bands left and right
+    for index in range(6):
+        out = apply_corruption(image, "markers", 3, seed=1, index=index)
+        assert (out[:, :32] == 0).all() and (out[:, 96:] == 0).all()
+        assert (out[:, 32:96] == 255).any()
+
+
+def test_laterality_letter_is_drawn_per_film():
+    image = np.full((128, 128), 100, np.uint8)
+    shapes = {apply_corruption(image, "markers", 1, seed=0, index=i).tobytes() for i in range(12)}
+    assert len(shapes) > 2  # letter and corner vary from film to film
+
+
+def test_plot_corruption_examples_draws_the_rows_asked_for(tmp_path):
+    default = cv2.imread(str(plot_corruption_examples(textured_image(size=64), tmp_path / "a.png", seed=0)))
+    acquisition = cv2.imread(str(plot_corruption_examples(textured_image(size=64), tmp_path / "b.png", seed=0,
+                                                          names=FAMILIES["acquisition"])))
+    assert acquisition.shape[0] / default.shape[0] == pytest.approx(6 / 4, rel=0.05)  # one row per corruption

@@ -205,6 +205,21 @@ def test_load_missing_file_names_path(tmp_path):
         load_image(tmp_path / "nothing.png")
 
 
+def test_16bit_film_stays_float_through_the_resize(tmp_path):
+    """A 12-bit ramp halved in size: the model input is the float average rounded once, not the
+    average of values already rounded to 8 bits (which can be off by one grey level)."""
+    values = np.tile(np.arange(0, 4096, 16, dtype=np.uint16), (4, 1))  # 4 x 256
+    path = tmp_path / "ramp.png"
+    cv2.imwrite(str(path), values)
+    film = dataset.read_film(path)
+    assert film.dtype == np.float32 and film.max() == pytest.approx(4080 / 4095)
+    boxed = letterbox(film, 128)
+    rows = slice(63, 65)  # the 2 x 128 content band, centred
+    expected = np.rint(values.astype(np.float64).reshape(4, 128, 2).mean(axis=2)[::2] / 4095 * 255)
+    np.testing.assert_array_equal(boxed[rows], expected)
+    assert (boxed[:63] == 0).all() and (boxed[65:] == 0).all()
+
+
 # ====== letterbox ======
 
 def test_letterbox_keeps_aspect_and_centres_on_black():
@@ -321,20 +336,21 @@ def test_build_store_disk_cache_is_built_once_and_reused(tmp_path, three_images,
     assert len(list(cache_dir.glob("*.npy"))) == 1
     expected = [letterbox(load_image(p), 20) for p in three_images]
 
-    def no_decoding(path):
+    def no_decoding(path, dicom_window="file"):
         raise AssertionError("the second build must read the cache, not decode")
 
-    monkeypatch.setattr(dataset, "load_image", no_decoding)
+    monkeypatch.setattr(dataset, "read_film", no_decoding)
     second = cache.build_store(three_images, 20, cache_dir=cache_dir, progress=False)
     assert second.path == first.path and second.bad == []
     for i in range(3):
         np.testing.assert_array_equal(second[i], expected[i])
 
 
-def test_cache_key_changes_with_mtime_and_image_size(three_images):
+def test_cache_key_changes_with_mtime_image_size_and_window_mode(three_images):
     key = cache.cache_key(three_images, 20)
-    assert cache.cache_key(three_images, 20) == key
+    assert cache.cache_key(three_images, 20) == key == cache.cache_key(three_images, 20, "file")
     assert cache.cache_key(three_images, 24) != key
+    assert len({cache.cache_key(three_images, 20, mode) for mode in ("file", "bits", "minmax", "percentile")}) == 4
     stat = os.stat(three_images[1])
     os.utime(three_images[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert cache.cache_key(three_images, 20) != key
@@ -347,6 +363,7 @@ def test_build_store_disk_cache_records_bad_rows(tmp_path, three_images):
     assert store.bad == [0]
     again = cache.build_store([str(bad)] + three_images, 16, cache_dir=tmp_path / "c", progress=False)
     assert again.bad == [0]
+    assert store.errors == again.errors == {0: "cannot be decoded (truncated or not a PNG/JPEG/DICOM)"}
     np.testing.assert_array_equal(again[2], letterbox(load_image(three_images[1]), 16))
 
 

@@ -481,3 +481,73 @@ def test_images_show_the_true_labels_not_the_flipped_ones():
         assert (phantom["edema"] is not None) == bool(row["true_Edema"])
         checked += 1
     assert checked >= 10
+
+
+# ====== --format dicom | mixed ======
+
+@pytest.fixture(scope="module")
+def mixed_and_png(tmp_path_factory):
+    """The same 36 films (64 px) written --format png and --format mixed."""
+    out = tmp_path_factory.mktemp("formats")
+    make_demo_dataset(out / "png", n=36, seed=SEED, size=64)
+    make_demo_dataset(out / "mixed", n=36, seed=SEED, size=64, image_format="mixed")
+    return out / "png", out / "mixed"
+
+
+def test_mixed_writes_exact_shares_of_each_form_and_only_image_path_changes(mixed_and_png):
+    from tools.make_demo_data import DICOM_FORMS
+
+    png, mixed = mixed_and_png
+    a, b = pd.read_csv(png / "demo.csv"), pd.read_csv(mixed / "demo.csv")
+    truth = pd.read_csv(mixed / TRUTH_FILE)
+    assert list(truth.columns) == [*TRUTH_COLUMNS, "image_format"]
+    assert list(pd.read_csv(png / TRUTH_FILE).columns) == TRUTH_COLUMNS  # png: the truth file as before
+    counts = truth["image_format"].value_counts().to_dict()
+    assert counts == {"png": 18, **{form: 3 for form in DICOM_FORMS}}  # 36 films: 6/12 PNG, 1/12 each form
+    pd.testing.assert_frame_equal(a.drop(columns="image_path"), b.drop(columns="image_path"))
+    for path, stem, form in zip(b["image_path"], a["image_path"], truth["image_format"]):
+        suffix = ".png" if form == "png" else DICOM_FORMS[form][3]
+        assert path == stem.removesuffix(".png") + suffix and (mixed / path).is_file()
+    # every PNG of the mixed set is the PNG set's file, byte for byte
+    for path in b["image_path"][truth["image_format"] == "png"]:
+        assert (mixed / path).read_bytes() == (png / path).read_bytes()
+
+
+def test_mixed_films_give_the_png_films_model_input(mixed_and_png):
+    """The planted failures and the model see the same pixels whatever the format: every film's
+    model input at make demo's 128 px within one grey level (tests/test_dicom.py: 64 px)."""
+    from tools.dataset import model_image
+
+    png, mixed = mixed_and_png
+    diffs = []
+    for a, b in zip(pd.read_csv(png / "demo.csv")["image_path"], pd.read_csv(mixed / "demo.csv")["image_path"]):
+        diffs.append(np.abs(model_image(png / a, 128).astype(int) - model_image(mixed / b, 128)))
+        assert diffs[-1].max() <= 1, b
+    assert np.mean(diffs) < 0.1
+
+
+def test_mixed_is_deterministic_and_its_uids_come_from_the_seed(mixed_and_png, tmp_path):
+    import pydicom
+
+    _, mixed = mixed_and_png
+    make_demo_dataset(tmp_path / "again", n=36, seed=SEED, size=64, image_format="mixed", workers=2)
+    assert folder_bytes(tmp_path / "again") == folder_bytes(mixed)
+    uids = []
+    for seed in (SEED, SEED + 1):
+        make_demo_dataset(tmp_path / f"s{seed}", n=4, seed=seed, size=48, image_format="dicom")
+        ds = pydicom.dcmread(next((tmp_path / f"s{seed}" / "images").glob("p00000_f0*")))
+        assert (ds.StudyDate, ds.StudyTime, ds.PatientID) == ("20240115", "093000", "0")  # fixed, follow-up 0
+        uids.append((ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))
+    assert len(set(uids[0])) == 3 and not set(uids[0]) & set(uids[1])  # another seed, other UIDs
+
+
+def test_dicom_format_writes_every_film_as_dicom_and_refuses_sizes_too_small(tmp_path):
+    from tools.make_demo_data import DICOM_FORMS
+
+    make_demo_dataset(tmp_path / "d", n=12, seed=SEED, size=48, image_format="dicom")
+    truth = pd.read_csv(tmp_path / "d" / TRUTH_FILE)
+    assert truth["image_format"].value_counts().to_dict() == {form: 2 for form in DICOM_FORMS}
+    assert not list((tmp_path / "d" / "images").glob("*.png"))
+    with pytest.raises(UserError, match="--size 32 with --format mixed"):
+        make_demo_dataset(tmp_path / "e", n=2, size=32, image_format="mixed")
+    assert main(["--out", str(tmp_path / "f"), "--n", "2", "--size", "40", "--format", "dicom"]) == 0

@@ -10,7 +10,7 @@ SCRIPTS = {"main", "make_case_studies", "make_cxr14_csv", "run_evidence"}
 
 # Lowest first. Within a layer, modules may import each other (the cycle check still applies).
 LAYERS = [
-    ["tools", "tools.errors", "tools.files", "tools.cli"],                       # building blocks
+    ["tools", "tools.errors", "tools.files", "tools.dicom", "tools.cli"],        # building blocks, file formats
     ["tools.distributed", "tools.runtime"],                             # a run: device, precision, config
     ["tools.table"],                                                    # the input table
     ["tools.corruptions", "tools.dataset", "tools.cache", "tools.splits"],  # films to pixels
@@ -26,7 +26,7 @@ LAYERS = [
     ["tools.html_report"],                                              # report.html
     ["tools.valtool"],                                                  # the whole suite
     ["tools.make_demo_data", "tools.bench", "tools.export_model"],                            # stand-alone programs
-    ["tools.cxr14", "tools.datasets"],                                  # other collections to the input CSV
+    ["tools.cxr14", "tools.datasets", "tools.dicom_index"],             # other collections to the input CSV
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

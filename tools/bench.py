@@ -533,17 +533,17 @@ def item_stress(b: Bench, csv: Path, model) -> dict:
     ratio = sum of group times / sum of (passes in group x the naive pass after it)."""
     from dataclasses import replace
 
-    from tools.corruptions import SEVERITIES
+    from tools.corruptions import FAMILIES
     from tools.inference import Corrupt, clean_pass, corrupted_logits
 
     run, data, _ = b.split(csv, "films-warm")
     naive = replace(data, store=None)
     clean_pass(run, model, naive, desc="warm-up")
-    for name in SEVERITIES:  # first calls import albumentations and build its transforms
+    for name in FAMILIES["default"]:  # first calls import albumentations and build its transforms
         for severity in (1, 2, 3):
             Corrupt(name, severity, b.opts.seed)(data.store[0], 0)
     groups = [(1, lambda: clean_pass(run, model, data, desc="clean"))]
-    groups += [(3, lambda name=name: corrupted_logits(run, model, data, [name])) for name in SEVERITIES]
+    groups += [(3, lambda name=name: corrupted_logits(run, model, data, [name])) for name in FAMILIES["default"]]
     stress_s, naive_s, cached_s = [], [], []
     for _, group in groups:
         stress_s.append(timed(group, b.device)[1])
@@ -562,7 +562,7 @@ def item_stress(b: Bench, csv: Path, model) -> dict:
 
 def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
     """5. valtool in-process; passes of the model over the test split, counted."""
-    from tools.corruptions import SEVERITIES
+    from tools.corruptions import FAMILIES
     from tools.files import read_json, save_torch
     from tools.model import checkpoint_dict
     from tools.runtime import Run
@@ -583,7 +583,7 @@ def item_valtool_passes(b: Bench, csv: Path, model) -> dict:
             contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
         (_, seconds) = timed(lambda: run_valtool(run, opts), b.device)
     reported = read_json(out / "summary.json")["model_passes_over_split"]
-    stress_passes = 1 + 3 * len(SEVERITIES)  # the clean pass and every corruption at 3 severities
+    stress_passes = 1 + 3 * len(FAMILIES["default"])  # the clean pass and valtool's corruptions at 3 severities
     bound = stress_passes + VALTOOL_TTA + 1
     return {"name": "valtool passes over the test split", "images": len(test_paths),
             "counted": counts["split"], "other_passes": counts["other"], "summary_json": reported,

@@ -9,6 +9,12 @@ Reported either way: prevalence per split and label, image height/width range, b
 channel counts, and (``notes``) how many -1 label values ``--uncertain`` read and how many lateral
 films ``--views frontal`` left out. Usage errors (no CSV, no such image folder, a label without a column) exit 2.
 
+When DICOM files are among the images, their headers are audited too (``dicom`` in the report):
+counts per photometric interpretation, bits stored, transfer syntax (and whether this
+installation can decode it), modality and view; films without a window (read with their full
+BitsStored range under ``--dicom-window file``) are a note, lateral films (a frontal model's input
+should hold none) and transfer syntaxes nothing here decodes are warnings.
+
 Every image is decoded once with :func:`tools.dataset.read_raw`, the decoder the suite trains with,
 so an image that passes here also loads in ``train``/``eval``. Decoding dominates the run time;
 OpenCV and NumPy release the GIL while decoding and reading, so a thread pool uses every core.
@@ -26,6 +32,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from tools import dicom
 from tools.cli import table_flags, table_options
 from tools.dataset import read_raw
 from tools.errors import UserError
@@ -182,8 +189,8 @@ def undecodable_problem(undecodable: list[dict]) -> str:
     """One line naming the images that cannot be decoded (the first SHOWN of them)."""
     names = ", ".join(item["path"] for item in undecodable[:SHOWN])
     more = f" and {len(undecodable) - SHOWN} more" if len(undecodable) > SHOWN else ""
-    return (f"{len(undecodable)} image(s) cannot be decoded (truncated, not a PNG/JPEG, or an "
-            f"unsupported pixel type): {names}{more}; replace them or drop their rows")
+    return (f"{len(undecodable)} image(s) cannot be decoded (truncated, not a PNG/JPEG/DICOM, not a single-frame "
+            f"film, or an unsupported pixel type): {names}{more}; replace them or drop their rows")
 
 
 def patient_problem(shared: dict[str, list[str]]) -> str:
@@ -193,6 +200,69 @@ def patient_problem(shared: dict[str, list[str]]) -> str:
     more = f"; and {len(items) - SHOWN} more" if len(items) > SHOWN else ""
     return (f"{len(items)} patient(s) have rows in more than one split ({names}{more}): "
             "their images leak between training and evaluation; split by patient_id")
+
+
+# ====== DICOM headers ======
+
+def _count(values) -> dict[str, int]:
+    """{value: count}, most frequent first; a missing value counts as "(none)"."""
+    counts = pd.Series(["(none)" if v is None else str(v) for v in values]).value_counts()
+    return {str(k): int(v) for k, v in counts.items()}
+
+
+def dicom_audit(paths) -> dict | None:
+    """The headers of the DICOM files among ``paths`` (read without their pixel data), or None
+    when there are none: ``files``, counts per ``photometric``, ``bits_stored``, ``modality`` and
+    ``view``; ``transfer_syntax`` [{uid, name, files, decodable}]; ``without_window`` (count and
+    the first SHOWN paths), ``lateral`` (paths whose ViewPosition is lateral), ``unreadable``
+    (paths whose headers cannot be parsed; the image pass names why)."""
+    from pydicom.uid import UID
+
+    found = [p for p in paths if os.path.isfile(p) and dicom.is_dicom(p)]
+    if not found:
+        return None
+    headers, unreadable = [], []
+    for path in found:
+        try:
+            headers.append((path, dicom.read_header(path)))
+        except UserError:
+            unreadable.append(path)
+    syntaxes = _count(h["transfer_syntax"] for _, h in headers)
+    no_window = [p for p, h in headers if not h["has_window"] and h["photometric"] in dicom.GREY]
+    return {
+        "files": len(found),
+        "photometric": _count(h["photometric"] for _, h in headers),
+        "bits_stored": _count(h["bits_stored"] for _, h in headers),
+        "transfer_syntax": [{"uid": uid, "name": UID(uid).name if uid != "(none)" else None, "files": n,
+                             "decodable": uid != "(none)" and dicom.can_decode(uid)} for uid, n in syntaxes.items()],
+        "modality": _count(h["modality"] for _, h in headers),
+        "view": _count(h["view"] for _, h in headers),
+        "without_window": {"count": len(no_window), "first": no_window[:SHOWN]},
+        "lateral": [p for p, h in headers if dicom.is_lateral(h["view"])],
+        "unreadable": unreadable,
+    }
+
+
+def dicom_findings(audit: dict | None) -> tuple[list[str], list[str]]:
+    """(notes, warnings) of a :func:`dicom_audit`."""
+    if audit is None:
+        return [], []
+    notes, warnings = [], []
+    count = audit["without_window"]["count"]
+    if count:
+        notes.append(f"{count} DICOM film(s) carry no window (no VOI LUT, no WindowCenter/WindowWidth): "
+                     "--dicom-window file reads them with their full BitsStored range (bits)")
+    lateral = audit["lateral"]
+    if lateral:
+        more = f" and {len(lateral) - SHOWN} more" if len(lateral) > SHOWN else ""
+        warnings.append(f"{len(lateral)} DICOM film(s) have a lateral ViewPosition ({', '.join(lateral[:SHOWN])}{more}): "
+                        "a frontal model's input should hold none; give the CSV their view (tools.dicom_index "
+                        "writes it) so that --views frontal leaves them out")
+    for syntax in audit["transfer_syntax"]:
+        if not syntax["decodable"]:
+            warnings.append(f"{syntax['files']} DICOM file(s) use transfer syntax {syntax['name'] or syntax['uid']} "
+                            f"({syntax['uid']}), which this installation cannot decode")
+    return notes, warnings
 
 
 # ====== the whole check ======
@@ -244,10 +314,15 @@ def check_data(csv, img_root, labels, num_workers: int | None = None, progress: 
     except UserError as exc:
         problems.append(str(exc))
     workers = num_workers if num_workers else available_cores()
+    audit = None
     if images:
         images = image_summary(paths, inspect_images(paths, workers, progress))
         if images["undecodable"]:
             problems.append(undecodable_problem(images["undecodable"]))
+        audit = dicom_audit(paths)
+        dicom_notes, dicom_warnings = dicom_findings(audit)
+        notes += dicom_notes
+        warnings += dicom_warnings
     else:
         images = None
     if shared:
@@ -261,6 +336,7 @@ def check_data(csv, img_root, labels, num_workers: int | None = None, progress: 
         "n_patients": int(df["patient_id"].nunique()) if "patient_id" in df.columns else None,
         "prevalence": records,
         "images": images,
+        "dicom": audit,
         "patients_in_several_splits": shared,
         "notes": notes,
         "warnings": warnings,
@@ -303,6 +379,19 @@ def images_table(images: dict) -> str:
     return size + "\n\n" + tabulate(kinds, headers=["images", "count"])
 
 
+def dicom_table(audit: dict) -> str:
+    """One row per (header, value) of a :func:`dicom_audit`, with the file count."""
+    from tabulate import tabulate
+
+    rows = [[key, value, n] for key in ("photometric", "bits_stored", "modality", "view")
+            for value, n in audit[key].items()]
+    rows += [["transfer_syntax", f"{t['name'] or t['uid']} ({'decodable' if t['decodable'] else 'NOT decodable here'})",
+              t["files"]] for t in audit["transfer_syntax"]]
+    rows += [["no window", "--dicom-window file shows the full BitsStored range", audit["without_window"]["count"]],
+             ["lateral view", "flagged", len(audit["lateral"])], ["headers unreadable", "", len(audit["unreadable"])]]
+    return tabulate(rows, headers=["header", "value", "files"])
+
+
 def format_report(report: dict) -> str:
     """The human-readable report printed by the command."""
     lines = [f"{report['csv']}: {report['n_rows']} rows, labels {', '.join(report['labels'])}, "
@@ -319,6 +408,9 @@ def format_report(report: dict) -> str:
     images = report["images"]
     lines += ["", f"images ({images['decoded']} of {images['checked']} decoded, {report['seconds']} s)",
               images_table(images)]
+    if report.get("dicom"):
+        lines += ["", f"DICOM ({report['dicom']['files']} of {images['checked']} images; headers)",
+                  dicom_table(report["dicom"])]
     if report["warnings"]:
         lines += ["", f"{len(report['warnings'])} warning(s):"] + [f"  - {w}" for w in report["warnings"]]
     lines.append("")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tools.dicom import WINDOW_MODES
 from tools.errors import RunError, UserError
 
 
@@ -37,6 +38,10 @@ def common_parser(outdir: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None,
                       help="decoded-image cache (default $CXR_CACHE_DIR or ~/.cache/cxr_suite)")
     data.add_argument("--no-cache", action="store_true", help="keep decoded images in memory only")
+    data.add_argument("--dicom-window", choices=list(WINDOW_MODES), default="file",
+                      help="range of a DICOM film's values shown black to white: the file's VOI LUT or first window "
+                           "(file; the full BitsStored range when it has none), the full BitsStored range (bits), the "
+                           "film's min to max (minmax), or its 0.5th to 99.5th percentile (percentile)")
     model = parent.add_argument_group("model")
     model.add_argument("--weights", help="model file: a checkpoint written by train (best.pt / last.pt), a torchvision "
                        "DenseNet-121 state_dict, a CheXNet model.pth.tar, a torchxrayvision DenseNet-121 state_dict "
@@ -153,7 +158,8 @@ def run_options(args, command: str) -> dict:
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size {args.image_size}: must be at least 32 (DenseNet-121 downsamples 32x)")
     return {"outdir": args.outdir, "device": args.device, "precision": args.precision, "seed": args.seed,
-            "cache_dir": args.cache_dir, "no_cache": args.no_cache, "batch_size": args.batch_size,
+            "cache_dir": args.cache_dir, "no_cache": args.no_cache, "dicom_window": args.dicom_window,
+            "batch_size": args.batch_size,
             "num_workers": args.num_workers, "skip_bad_images": args.skip_bad_images, "compile": args.compile,
             "command": command, "settings": vars(args)}
 

@@ -1,7 +1,9 @@
 """Image corruptions for the stress test: pure ``f(image, severity, rng) -> image`` functions.
 
 Every function takes a uint8 grayscale HxW image at model input resolution and returns one of the
-same shape and dtype. Each severity means exactly one parameter (SPEC "stress"):
+same shape and dtype. Each severity means exactly one parameter (SPEC "stress"). Two families,
+chosen with ``--corruptions default|acquisition|all`` (:func:`corruption_names`); ``default`` is
+the stress test of the first releases, unchanged:
 
 | name                  | parameter                       | sev 1 | sev 2 | sev 3 |
 | --------------------- | ------------------------------- | ----- | ----- | ----- |
@@ -9,6 +11,34 @@ same shape and dtype. Each severity means exactly one parameter (SPEC "stress"):
 | `gaussian_blur`       | kernel size k (k x k)           | 3     | 5     | 9     |
 | `jpeg`                | JPEG quality                    | 70    | 50    | 30    |
 | `brightness_contrast` | +/- limit of both factors       | 0.15  | 0.30  | 0.45  |
+
+``acquisition``: how hospitals' chest films go wrong before a model sees them (PACS export,
+DICOM reading, positioning, annotation):
+
+| name          | parameter                                            | sev 1 | sev 2 | sev 3 |
+| ------------- | ---------------------------------------------------- | ----- | ----- | ----- |
+| `inversion`   | share of films read with the wrong photometric       | 0.25  | 0.50  | 1.00  |
+|               | interpretation (each film drawn on its own)           |       |       |       |
+| `window`      | window width as a share of the film's own, same centre | 0.60 | 0.40 | 0.25  |
+| `bit_depth`   | bits kept (2^bits grey levels)                       | 6     | 4     | 3     |
+| `rotation`    | degrees, direction drawn per film                    | 5     | 10    | 15    |
+| `collimation` | share of the side cropped at each border, then       | 0.05  | 0.10  | 0.20  |
+|               | resized back                                         |       |       |       |
+| `markers`     | marker text height as a share of the film's side;    | 0.05  | 0.08  | 0.12  |
+|               | marks: 1, 2, 3 (:data:`MARKER_TEXTS`)                 |       |       |       |
+
+- ``inversion``: 255 - x over the film (the letterbox's black padding, no part of the film,
+  stays black); each film is inverted with probability = the share, drawn from its generator.
+- ``window``: the uint8 film is shown by its own window (centre 127.5, width 255); a window of
+  width w * 255 about the same centre maps to 0-255 and clips: out = clip((x - 127.5) / w + 127.5).
+- ``bit_depth``: x keeps its top b bits (floor(x / 2^(8 - b))), spread back over 0-255.
+- ``rotation``: about the image centre, bilinear; the corners the film leaves are black, as the
+  letterbox padding and a digitiser's empty bed are.
+- ``collimation``: the central (1 - 2c) of each side is kept and resized back (bilinear) to the
+  full size: anatomy at the borders is lost and the rest magnified.
+- ``markers``: saturated white (255) text burned into the film's corners: a laterality letter
+  ("L" or "R", drawn per film), then "PORTABLE", then "AP SUPINE"; each in its own corner
+  (drawn per film), shrunk when it would be wider than 45% of the film.
 
 Randomness comes only from the ``numpy.random.Generator`` passed in; :func:`image_rng` derives
 it from (seed, image index, corruption name, severity), so a corrupted image is the same whatever
@@ -26,6 +56,7 @@ import math
 import random
 import zlib
 
+import cv2
 import numpy as np
 
 SEVERITIES: dict[str, list] = {
@@ -33,6 +64,12 @@ SEVERITIES: dict[str, list] = {
     "gaussian_blur": [3, 5, 9],
     "jpeg": [70, 50, 30],
     "brightness_contrast": [0.15, 0.30, 0.45],
+    "inversion": [0.25, 0.50, 1.00],
+    "window": [0.60, 0.40, 0.25],
+    "bit_depth": [6, 4, 3],
+    "rotation": [5, 10, 15],
+    "collimation": [0.05, 0.10, 0.20],
+    "markers": [0.05, 0.08, 0.12],
 }
 
 PARAM_NAMES: dict[str, str] = {
@@ -40,7 +77,40 @@ PARAM_NAMES: dict[str, str] = {
     "gaussian_blur": "kernel",
     "jpeg": "quality",
     "brightness_contrast": "limit",
+    "inversion": "share inverted",
+    "window": "width factor",
+    "bit_depth": "bits",
+    "rotation": "degrees",
+    "collimation": "crop per border",
+    "markers": "text height",
 }
+
+FAMILIES: dict[str, tuple] = {
+    "default": ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast"),
+    "acquisition": ("inversion", "window", "bit_depth", "rotation", "collimation", "markers"),
+}
+# What --corruptions accepts: a family, "all" (both), or single corruption names.
+CHOICES = (*FAMILIES, "all", *SEVERITIES)
+# The marks burned in at each severity; None is the laterality letter, "L" or "R" drawn per film.
+MARKER_TEXTS = ((None,), (None, "PORTABLE"), (None, "PORTABLE", "AP SUPINE"))
+MARKER_MAX_WIDTH = 0.45  # a mark wider than this share of the film is shrunk to fit its corner
+
+
+def corruption_names(choices) -> list[str]:
+    """``--corruptions`` values to corruption names, in table order, each once: a family name
+    gives its members, ``all`` both families, a corruption name itself. ValueError for anything
+    else."""
+    wanted = set()
+    for choice in choices:
+        if choice == "all":
+            wanted.update(SEVERITIES)
+        elif choice in FAMILIES:
+            wanted.update(FAMILIES[choice])
+        elif choice in SEVERITIES:
+            wanted.add(choice)
+        else:
+            raise ValueError(f"--corruptions {choice}: choose {', '.join(CHOICES)}")
+    return [name for name in SEVERITIES if name in wanted]
 
 
 # ====== parameters and randomness ======
@@ -175,7 +245,97 @@ def brightness_contrast(image: np.ndarray, severity: int, rng: np.random.Generat
     return _to_uint8(out * 255.0)
 
 
-CORRUPTIONS: dict = {f.__name__: f for f in (gaussian_noise, gaussian_blur, jpeg, brightness_contrast)}
+# ====== acquisition faults ======
+
+def _film_box(image: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), exclusive ends, of the film inside the letterbox padding: the
+    rows and columns holding a non-zero pixel; the whole image when it is all black."""
+    rows, cols = np.flatnonzero(image.any(axis=1)), np.flatnonzero(image.any(axis=0))
+    if not len(rows):
+        return 0, image.shape[0], 0, image.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def inversion(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """With probability = the table's share, the film read with the wrong photometric
+    interpretation: 255 - x inside the film's box (the letterbox padding stays black)."""
+    _check_image(image)
+    share = corruption_param("inversion", severity)
+    out = image.copy()
+    if rng.random() < share:
+        top, bottom, left, right = _film_box(image)
+        out[top:bottom, left:right] = 255 - image[top:bottom, left:right]
+    return out
+
+
+def window(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """A window narrower than the film's own (centre 127.5, width 255): width w x 255 about the
+    same centre, mapped to 0-255 and clipped; deterministic."""
+    _check_image(image)
+    width = corruption_param("window", severity)
+    return _to_uint8((image.astype(np.float64) - 127.5) / width + 127.5)
+
+
+def bit_depth(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """The top b bits of each value kept (2^b levels), spread back over 0-255; deterministic."""
+    _check_image(image)
+    bits = corruption_param("bit_depth", severity)
+    levels = image.astype(np.int64) >> (8 - bits)
+    return _to_uint8(levels * (255.0 / (2**bits - 1)))
+
+
+def rotation(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Rotated by the table's angle about the image centre, direction drawn from ``rng``;
+    bilinear, the uncovered corners black."""
+    _check_image(image)
+    angle = corruption_param("rotation", severity) * (1 if rng.random() < 0.5 else -1)
+    h, w = image.shape
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=0)
+
+
+def collimation(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """The table's share of the side cropped at every border, the rest resized back (bilinear);
+    deterministic."""
+    _check_image(image)
+    share = corruption_param("collimation", severity)
+    h, w = image.shape
+    dy, dx = int(round(share * h)), int(round(share * w))
+    kept = image[dy:h - dy, dx:w - dx]
+    return cv2.resize(kept, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def markers(image: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """Saturated white marks burned into the film's corners (:data:`MARKER_TEXTS`): severity k
+    draws k marks, text height the table's share of the film's shorter side; the laterality letter
+    and each mark's corner are drawn from ``rng``. Hard-edged (no anti-aliasing): burned-in
+    annotations are 255 exactly."""
+    _check_image(image)
+    height_share = corruption_param("markers", severity)
+    top, bottom, left, right = _film_box(image)
+    film_h, film_w = bottom - top, right - left
+    out = image.copy()
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    corners = rng.permutation(4)
+    margin = max(1, int(round(0.03 * min(film_h, film_w))))
+    for k, text in enumerate(MARKER_TEXTS[int(severity) - 1]):
+        if text is None:
+            text = "L" if rng.random() < 0.5 else "R"
+        target = max(3.0, height_share * min(film_h, film_w))
+        thickness = max(1, int(round(target / 8)))
+        (width_1, height_1), _ = cv2.getTextSize(text, font, 1.0, thickness)
+        scale = min(target / height_1, MARKER_MAX_WIDTH * film_w / width_1)
+        (width, height), _ = cv2.getTextSize(text, font, scale, thickness)
+        corner = int(corners[k])
+        x = left + margin if corner % 2 == 0 else right - margin - width
+        y = top + margin + height if corner < 2 else bottom - margin
+        cv2.putText(out, text, (int(x), int(y)), font, scale, 255, thickness, cv2.LINE_8)
+    return out
+
+
+CORRUPTIONS: dict = {f.__name__: f for f in (gaussian_noise, gaussian_blur, jpeg, brightness_contrast, inversion,
+                                             window, bit_depth, rotation, collimation, markers)}
 
 
 def apply_corruption(image: np.ndarray, name: str, severity: int, seed: int, index: int = 0) -> np.ndarray:
@@ -187,10 +347,25 @@ def apply_corruption(image: np.ndarray, name: str, severity: int, seed: int, ind
 
 
 def param_label(name: str, severity: int) -> str:
-    """The parameter of (name, severity) in words: "kernel 9x9", "limit ±0.45", "quality 30"."""
+    """The parameter of (name, severity) in words: "kernel 9x9", "limit ±0.45", "quality 30",
+    "25% of films inverted", "width x0.40", "4 bits", "±10°", "10% cropped per border",
+    "2 marks, 8% high"."""
     param = corruption_param(name, severity)
     if name == "gaussian_blur":
         return f"kernel {param}x{param}"
     if name == "brightness_contrast":
         return f"limit \u00b1{param:.2f}"
+    if name == "inversion":
+        return f"{param:.0%} of films inverted"
+    if name == "window":
+        return f"width x{param:.2f}"
+    if name == "bit_depth":
+        return f"{param} bits"
+    if name == "rotation":
+        return f"\u00b1{param}\u00b0"
+    if name == "collimation":
+        return f"{param:.0%} cropped per border"
+    if name == "markers":
+        count = len(MARKER_TEXTS[int(severity) - 1])
+        return f"{count} mark{'s' if count > 1 else ''}, {param:.0%} high"
     return f"{PARAM_NAMES[name]} {param}"

@@ -1,5 +1,7 @@
 """Films to pixels: decode a file, letterbox it to the model's size, augment it, and the one
-dataset class with its loaders. Every decoded film is uint8 grayscale.
+dataset class with its loaders. What reaches the model, the cache and the corruptions is uint8
+grayscale at model resolution; films deeper than 8 bits (16-bit PNGs, DICOM) stay float through
+the resize and are quantised once, at that resolution.
 """
 from __future__ import annotations
 
@@ -9,52 +11,91 @@ import cv2
 import numpy as np
 import torch
 
-from tools import distributed
-from tools.errors import UserError
+from tools import dicom, distributed
+from tools.errors import ImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+DICOM_EXTENSION = ".dcm"
 
 
 # ====== images ======
 
-def read_raw(path) -> np.ndarray:
-    """The image as stored in the file (``cv2.IMREAD_UNCHANGED``): HxW grayscale or HxWxC BGR(A),
-    uint8 or uint16. The one place files are decoded.
+def is_image_file(path) -> bool:
+    """A file an image folder (``--image-dir``) holds: png/jpg/jpeg/dcm by extension, or a file
+    without an extension (or with a numeric one, as UID-named DICOM files have: ``1.2.840.5``)
+    that carries the DICM prefix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix == DICOM_EXTENSION:
+        return True
+    return (suffix == "" or suffix[1:].isdigit()) and dicom.has_preamble(path)
 
-    Raises UserError naming the path when the file is missing, cannot be decoded, or holds a
-    pixel type other than 8 or 16 bits.
+
+def read_raw(path) -> np.ndarray:
+    """The image as stored in the file: for PNG/JPEG (``cv2.IMREAD_UNCHANGED``) HxW grayscale or
+    HxWxC BGR(A), uint8 or uint16; for DICOM the stored values as pydicom decodes them (HxW, or
+    HxWx3 RGB), after checking that the file is a single-frame image. With :func:`read_film`,
+    the one place files are decoded.
+
+    Raises ImageError naming the path when the file is missing, cannot be decoded, is not a
+    single-frame image, or holds a PNG/JPEG pixel type other than 8 or 16 bits.
     """
-    data = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
-    if data is None:
-        raise UserError(f"image {path}: file not found")
+    if not Path(path).is_file():
+        raise ImageError(path, "file not found", "")
+    return dicom.stored_pixels(path) if dicom.is_dicom(path) else _decode_png_jpeg(path)
+
+
+def _decode_png_jpeg(path) -> np.ndarray:
+    data = np.fromfile(str(path), dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
-        raise UserError(f"image {path}: cannot be decoded (truncated or not a PNG/JPEG); "
-                        "replace it or pass --skip-bad-images")
+        raise ImageError(path, "cannot be decoded (truncated or not a PNG/JPEG/DICOM)")
     if image.dtype not in (np.uint8, np.uint16):
-        raise UserError(f"image {path}: unsupported pixel type {image.dtype}; use 8- or 16-bit PNG or JPEG")
+        raise ImageError(path, f"unsupported pixel type {image.dtype}", "use 8- or 16-bit PNG or JPEG, or DICOM")
     return image
 
 
-def load_image(path) -> np.ndarray:
-    """Read any PNG/JPEG (8- or 16-bit grayscale, RGB, RGBA; any size) as uint8 grayscale HxW.
+def read_film(path, dicom_window: str = "file") -> np.ndarray:
+    """The displayed film, grayscale HxW at its own size: uint8 as stored for 8-bit PNG/JPEG;
+    float32 on [0, 1] at full depth for 16-bit PNGs and for DICOM (``tools.dicom.read_film``:
+    modality LUT, the ``dicom_window`` range, MONOCHROME1 inverted).
 
-    16-bit films are scaled by their bit depth: 12-bit data (max <= 4095) by 4095, otherwise by
-    65535, so intensities keep their meaning across images (no per-image stretching).
-    Raises UserError naming the path when the file cannot be decoded.
+    Colour PNG/JPEG become luma (OpenCV's BGR2GRAY). 16-bit PNGs are scaled by their bit depth:
+    12-bit data (max <= 4095) by 4095, otherwise by 65535, so intensities keep their meaning
+    across images (no per-image stretching). Raises ImageError naming the path when the file
+    cannot be read.
     """
-    image = read_raw(path)
+    if not Path(path).is_file():
+        raise ImageError(path, "file not found", "")
+    if dicom.is_dicom(path):
+        return dicom.read_film(path, dicom_window)
+    image = _decode_png_jpeg(path)
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
     if image.dtype == np.uint16:
         scale = 4095.0 if image.max() <= 4095 else 65535.0
-        image = np.clip(np.rint(image.astype(np.float32) * (255.0 / scale)), 0, 255).astype(np.uint8)
+        image = image.astype(np.float32) * np.float32(1.0 / scale)
     return image
 
 
+def to_uint8(film: np.ndarray) -> np.ndarray:
+    """A film as uint8: unchanged when it is uint8, else float [0, 1] rounded once to 0-255."""
+    if film.dtype == np.uint8:
+        return film
+    return np.clip(np.rint(film * 255.0), 0, 255).astype(np.uint8)
+
+
+def load_image(path, dicom_window: str = "file") -> np.ndarray:
+    """:func:`read_film` as uint8 grayscale HxW at the film's own size (PNG/JPEG of any bit depth,
+    RGB(A), DICOM). Raises ImageError naming the path when the file cannot be read."""
+    return to_uint8(read_film(path, dicom_window))
+
+
 def letterbox(image: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize so the longer side is ``size``, centred on a black square."""
+    """Aspect-preserving resize so the longer side is ``size``, centred on a black square; uint8
+    out. A float film on [0, 1] is resized in float and quantised to uint8 only then, so a 12-bit
+    film loses no depth before the resize."""
     h, w = image.shape[:2]
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -62,8 +103,13 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
     resized = cv2.resize(image, (nw, nh), interpolation=interp) if (nh, nw) != (h, w) else image
     out = np.zeros((size, size), dtype=np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
+    out[top:top + nh, left:left + nw] = to_uint8(resized)
     return out
+
+
+def model_image(path, size: int, dicom_window: str = "file") -> np.ndarray:
+    """The pixels the model sees for a file: :func:`read_film` letterboxed to ``size`` (uint8)."""
+    return letterbox(read_film(path, dicom_window), size)
 
 
 def content_box(images: np.ndarray) -> np.ndarray:
@@ -139,17 +185,20 @@ class CXRDataset(torch.utils.data.Dataset):
     gather results in row order and to seed per-image randomness).
 
     ``source`` gives the letterboxed uint8 image for a row: a ``tools.cache.ImageStore`` (decoded
-    once, memory-mapped) or, by default, decoding the file each time.
+    once, memory-mapped) or, by default, decoding the file each time (DICOM files read with
+    ``dicom_window``, ``--dicom-window``).
     ``transform(image, index) -> image`` runs on the uint8 image at model resolution
     (augmentation, a corruption, a TTA draw).
     """
 
-    def __init__(self, paths, y: np.ndarray | None, image_size: int, transform=None, source=None):
+    def __init__(self, paths, y: np.ndarray | None, image_size: int, transform=None, source=None,
+                 dicom_window: str = "file"):
         self.paths = list(paths)
         self.y = np.full((len(self.paths), 0), np.nan, np.float32) if y is None else np.asarray(y, np.float32)
         self.image_size = int(image_size)
         self.transform = transform
         self.source = source
+        self.dicom_window = dicom_window
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -157,7 +206,7 @@ class CXRDataset(torch.utils.data.Dataset):
     def image(self, index: int) -> np.ndarray:
         if self.source is not None:
             return self.source[index]
-        return letterbox(load_image(self.paths[index]), self.image_size)
+        return model_image(self.paths[index], self.image_size, self.dicom_window)
 
     def __getitem__(self, index: int) -> dict:
         image = self.image(index)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from tools.corruptions import SEVERITIES, apply_corruption, param_label
+from tools.corruptions import FAMILIES, apply_corruption, param_label
 from tools.files import atomic_path
 from tools.calibration import N_BINS, ece, reliability_bins
 from tools.gradcam import overlay
@@ -122,12 +122,13 @@ def stress_curves(summary, labels, metric, path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_corruption_examples(image: np.ndarray, out_path, seed: int = 0, title: str | None = None) -> Path:
-    """One figure: a row per corruption, the clean image first, then severities 1-3.
+def plot_corruption_examples(image: np.ndarray, out_path, seed: int = 0, title: str | None = None,
+                             names=FAMILIES["default"]) -> Path:
+    """One figure: a row per corruption of ``names``, the clean image first, then severities 1-3.
 
     Each panel is titled with the corruption and its parameter. Written atomically.
     """
-    names = list(SEVERITIES)
+    names = list(names)
     fig = Figure(figsize=(10, 2.6 * len(names)))
     axes = fig.subplots(len(names), 4, squeeze=False)
     for row, name in enumerate(names):

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tools.corruptions import FAMILIES, PARAM_NAMES, param_label
 from tools.errors import UserError
 from tools.files import NOTICE, write_text
 
@@ -565,11 +566,25 @@ def stress_section(outdir: Path, summary: dict) -> Html:
     parts += [figure(folder / name, text) for name, text in captions.items()]
     df = read_csv_optional(folder / "stress_summary.csv")
     if df is not None:
+        parts += acquisition_table(df["corruption"])
         parts += [Html("<h3>stress_summary.csv</h3>"),
                   note("One row per corruption and severity; delta = corrupted minus clean."),
                   frame_table(df, summary.get("labels") or [])]
     parts += other_figures(folder, set(captions))
     return section("Stress test (image corruptions)", parts, "stress")
+
+
+def acquisition_table(corruptions) -> list[Html]:
+    """What each severity of the acquisition faults that ran means (README "DICOM")."""
+    names = [name for name in FAMILIES["acquisition"] if name in set(corruptions)]
+    if not names:
+        return []
+    rows = [[name, PARAM_NAMES[name], *(param_label(name, k) for k in (1, 2, 3))] for name in names]
+    return [Html("<h3>Acquisition faults</h3>"),
+            note("How films go wrong between the detector and the model: read with the wrong photometric "
+                 "interpretation, a narrower window, fewer bits, rotated, tightly collimated, with burned-in "
+                 "markers. Each is applied to the film at model resolution."),
+            table(["corruption", "parameter", "severity 1", "severity 2", "severity 3"], rows)]
 
 
 def spread_table(uncertainty: dict) -> Html:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tools import dicom
 from tools.dataset import content_box, content_stats
+from tools.errors import UserError
 from tools.slicing import group_values
 
 STAT_PIXELS = 1 << 22  # pixels per vectorised block of intensity statistics (~32 MB of float64)
@@ -64,7 +66,8 @@ def image_properties(paths, store) -> pd.DataFrame:
     (mean and standard deviation of the pixels the model sees, over the film's content without the
     letterbox padding), ``sharpness`` (variance of the Laplacian over that content: Pech-Pacheco et
     al. 2000), and from the file's header, read without decoding it again: ``original_height``,
-    ``original_width``, ``bit_depth`` (bits per sample) and ``file_format``."""
+    ``original_width``, ``bit_depth`` (bits per sample; BitsStored for DICOM) and ``file_format``
+    (PIL's name, or DICOM)."""
     return _measure(paths, store).drop(columns="saturated_share")
 
 
@@ -77,11 +80,15 @@ def _measure(paths, store) -> pd.DataFrame:
     for i, path in enumerate(paths):
         h = w = bits = fmt = None
         try:
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
-                bits = 16 if im.mode.startswith("I;16") else _MODE_BITS.get(im.mode)
-                fmt = im.format
-        except OSError:
+            if dicom.is_dicom(path):
+                header = dicom.read_header(path)  # stops before the pixel data
+                h, w, bits, fmt = header["rows"], header["columns"], header["bits_stored"], "DICOM"
+            else:
+                with Image.open(path) as im:  # reads the header only
+                    w, h = im.size
+                    bits = 16 if im.mode.startswith("I;16") else _MODE_BITS.get(im.mode)
+                    fmt = im.format
+        except (OSError, UserError):
             pass
         pix = store[i]
         box = content_box(pix[None])[0]

@@ -1,10 +1,29 @@
 """Synthetic chest X-ray phantoms with planted failure modes: the demo data set.
 
-``python -m tools.make_demo_data --out DIR --n N --seed S [--size 256] [--workers 1]`` writes
-``DIR/images/p<patient>_f<follow_up>.png`` (8-bit grayscale, size x size; 7/8 of that from the
-hidden device of failure mode 4), ``DIR/demo.csv`` with the columns in ``CSV_COLUMNS``, and
-``DIR/demo_truth.csv`` (``TRUTH_FILE``, ``TRUTH_COLUMNS``): the ground truth of failure modes 4-6,
-which no CSV column reveals; only tests read it. Not medical data; for exercising the suite only.
+``python -m tools.make_demo_data --out DIR --n N --seed S [--size 256] [--workers 1]
+[--format png|dicom|mixed]`` writes ``DIR/images/p<patient>_f<follow_up>.png`` (8-bit grayscale,
+size x size; 7/8 of that from the hidden device of failure mode 4), ``DIR/demo.csv`` with the
+columns in ``CSV_COLUMNS``, and ``DIR/demo_truth.csv`` (``TRUTH_FILE``, ``TRUTH_COLUMNS``): the
+ground truth of failure modes 4-6, which no CSV column reveals; only tests read it. Not medical
+data; for exercising the suite only.
+
+File formats (``--format``)
+---------------------------
+``png`` (the default) writes every film as above. ``dicom`` writes every film as DICOM, and
+``mixed`` half of them (``FORMAT_MIX``: a seeded shuffle gives each film its form, so the shares
+are exact to one film, and neither the pixels, the table nor the splits change). The DICOM forms
+(``DICOM_FORMS``) cover what a reader must get right: MONOCHROME2 at 12 bits, the same stored
+inverted as MONOCHROME1, RLE Lossless and JPEG 2000 Lossless (pydicom's own RLE encoder and
+pylibjpeg-openjpeg), a file without an extension, and 8 bits without a window. A 12-bit film
+stores the rendered float film f (before the 8-bit conversion) as ``PARAMS["dicom"]["stored"]``
+500 + 3000 f (MONOCHROME1: 4095 minus that), with the site's RescaleSlope/RescaleIntercept and a
+LINEAR window over exactly that range, so the DICOM reading pipeline gives back f to 1/6000;
+the 8-bit form stores the PNG's values. Headers: PatientID (the CSV's patient_id), PatientSex,
+PatientAge, ViewPosition, the site's Manufacturer, ManufacturerModelName, InstitutionName and
+Modality (DX or CR, with the matching SOP class), PixelSpacing for a 43 cm field, fixed dates,
+and UIDs derived from the seed, the patient and the follow-up (same seed, same bytes). The CSV's
+``image_path`` names each film's file; the truth file gains ``image_format`` (the form) unless
+the format is ``png``.
 
 What the images show
 --------------------
@@ -116,6 +135,23 @@ SITES = ("A", "B", "C")
 TRUTH_FILE = "demo_truth.csv"   # ground truth of failure modes 4-6, for tests only
 TRUTH_COLUMNS = ["image_path", "hidden_device",
                  *[column for label in LABELS for column in (f"true_{label}", f"flipped_{label}")]]
+FORMATS = ("png", "dicom", "mixed")
+# How each DICOM form is written: (PhotometricInterpretation, BitsStored, transfer syntax UID,
+# file suffix). 1.2.840.10008.1.2.1: Explicit VR Little Endian; .1.2.5: RLE Lossless;
+# .1.2.4.90: JPEG 2000 Lossless.
+DICOM_FORMS = {
+    "dicom_mono2_12bit": ("MONOCHROME2", 12, "1.2.840.10008.1.2.1", ".dcm"),
+    "dicom_mono2_12bit_noext": ("MONOCHROME2", 12, "1.2.840.10008.1.2.1", ""),
+    "dicom_mono1_12bit": ("MONOCHROME1", 12, "1.2.840.10008.1.2.1", ".dcm"),
+    "dicom_rle_12bit": ("MONOCHROME2", 12, "1.2.840.10008.1.2.5", ".dcm"),
+    "dicom_j2k_12bit": ("MONOCHROME2", 12, "1.2.840.10008.1.2.4.90", ".dcm"),
+    "dicom_mono2_8bit": ("MONOCHROME2", 8, "1.2.840.10008.1.2.1", ".dcm"),
+}
+# pylibjpeg-openjpeg encodes with six wavelet levels, which need films of 2^5 = 32 px or more
+J2K_MIN_SIDE = 32
+# One cycle of forms per --format; the films take them in equal turns: mixed = 6/12 PNG and 1/12
+# of each DICOM form, dicom = 1/6 of each.
+FORMAT_MIX = {"png": ("png",), "dicom": tuple(DICOM_FORMS), "mixed": ("png",) * len(DICOM_FORMS) + tuple(DICOM_FORMS)}
 
 # Every tunable number. Geometry is in units of the image width (x right, y down) in the patient
 # frame before pose; attenuation is in arbitrary log-attenuation units (soft tissue thickness 1).
@@ -182,6 +218,21 @@ PARAMS = {
     "site_tag": {"site": "B", "letter": "R", "width": 0.09, "corner": 0.03, "jitter": 0.015},
     # 6. label noise: share of test-split rows whose label is flipped, per label
     "test_label_flips": 0.05,
+    # ---- DICOM files (--format dicom|mixed) ----
+    # stored: the 12-bit values of film 0 and 1 (MONOCHROME2); field_mm: the side of the imaged
+    # field, for PixelSpacing; per site the scanner and its rescale (modality value = slope *
+    # stored + intercept)
+    "dicom": {
+        "stored": (500, 3500), "field_mm": 430.0, "study_date": "2024{month:02d}15", "study_time": "093000",
+        "site": {
+            "A": {"manufacturer": "Phantom Imaging", "model": "PX-DR 100", "institution": "Demo Site A",
+                  "modality": "DX", "slope": 1.0, "intercept": 0.0},
+            "B": {"manufacturer": "Phantom Imaging", "model": "PX-DR 300", "institution": "Demo Site B",
+                  "modality": "DX", "slope": 0.5, "intercept": -1024.0},
+            "C": {"manufacturer": "Synthetic Radiography", "model": "SR-CR 9", "institution": "Demo Site C",
+                  "modality": "CR", "slope": 2.0, "intercept": -1000.0},
+        },
+    },
 }
 
 
@@ -858,20 +909,105 @@ def render_case(case, rng: np.random.Generator, size: int = 256) -> np.ndarray:
     return to_uint8(render_phantom(sample_phantom(case, rng), size))
 
 
+# ====== DICOM films ======
+
+def film_formats(n: int, seed: int, image_format: str = "png") -> list[str]:
+    """The form each of ``n`` films is written in (``FORMAT_MIX``): the cycle repeated over a
+    seeded shuffle of the rows (its own stream, 2, of ``seed``), so the shares are exact to a film
+    and nothing else the seed draws changes."""
+    cycle = FORMAT_MIX[image_format]
+    if len(cycle) == 1:
+        return [cycle[0]] * n
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,))).permutation(n)
+    return [cycle[int(i) % len(cycle)] for i in order]
+
+
+def film_path(png_path: str, form: str) -> str:
+    """``image_path`` of a film written in ``form``: the PNG's name with the form's suffix."""
+    if form == "png":
+        return png_path
+    return str(Path(png_path).with_suffix(DICOM_FORMS[form][3]))
+
+
+def _ds(value: float) -> str:
+    """A decimal string (DICOM VR DS, at most 16 characters)."""
+    return f"{value:.10g}"
+
+
+def dicom_attributes(row: dict, form: str, seed: int, side: int) -> dict:
+    """The data elements of a film's DICOM file: patient, study, scanner, geometry, and for 12-bit
+    forms the rescale and the window over the stored range (module docstring)."""
+    from pydicom.uid import ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation, generate_uid
+
+    params = PARAMS["dicom"]
+    site = params["site"][row["site"]]
+    photometric, bits, _, _ = DICOM_FORMS[form]
+    key = f"cxr-demo:{seed}:{row['patient_id']}:{row['follow_up']}"
+    date = params["study_date"].format(month=int(row["follow_up"]) + 1)
+    spacing = _ds(params["field_mm"] / side)
+    attributes = {
+        "SOPClassUID": DigitalXRayImageStorageForPresentation if site["modality"] == "DX"
+        else ComputedRadiographyImageStorage,
+        # pydicom's generate_uid hashes the sources (SHA-512) under its root: same sources, same UID
+        "SOPInstanceUID": generate_uid(entropy_srcs=[key, ":instance"]),
+        "StudyInstanceUID": generate_uid(entropy_srcs=[key, ":study"]),
+        "SeriesInstanceUID": generate_uid(entropy_srcs=[key, ":series"]),
+        "StudyDate": date, "SeriesDate": date, "ContentDate": date, "StudyTime": params["study_time"],
+        "Modality": site["modality"], "Manufacturer": site["manufacturer"],
+        "ManufacturerModelName": site["model"], "InstitutionName": site["institution"],
+        "PatientName": f"DEMO^{int(row['patient_id']):05d}", "PatientID": str(row["patient_id"]),
+        "PatientSex": row["sex"], "PatientAge": f"{int(row['age']):03d}Y", "BodyPartExamined": "CHEST",
+        "ViewPosition": row["view"], "SeriesNumber": 1, "InstanceNumber": 1,
+        "PhotometricInterpretation": photometric, "BitsStored": bits, "PixelSpacing": [spacing, spacing],
+    }
+    if bits == 12:
+        low, high = params["stored"] if photometric == "MONOCHROME2" else (4095 - params["stored"][1],
+                                                                            4095 - params["stored"][0])
+        black, white = (site["slope"] * v + site["intercept"] for v in (low, high))
+        # LINEAR window (PS3.3 C.11.2.1.2.1): black -> 0 and white -> 1 when
+        # centre - 0.5 = (black + white) / 2 and width - 1 = white - black
+        attributes.update(RescaleSlope=_ds(site["slope"]), RescaleIntercept=_ds(site["intercept"]), RescaleType="US",
+                          WindowCenter=_ds((black + white) / 2 + 0.5), WindowWidth=_ds(white - black + 1))
+    return attributes
+
+
+def dicom_stored(film: np.ndarray, form: str) -> np.ndarray:
+    """The stored values of a rendered float film (module docstring)."""
+    photometric, bits, _, _ = DICOM_FORMS[form]
+    if bits == 8:
+        return to_uint8(film)
+    low, high = PARAMS["dicom"]["stored"]
+    stored = np.rint(low + (high - low) * np.clip(film, 0.0, 1.0)).astype(np.uint16)
+    return (4095 - stored).astype(np.uint16) if photometric == "MONOCHROME1" else stored
+
+
 # ====== the data set ======
 
 def _write_film(job) -> str | None:
-    """Render one row and write its PNG; return its ``image_path`` if the write failed."""
-    out_dir, row, rng, size = job
-    ok = cv2.imwrite(str(Path(out_dir) / row["image_path"]), render_case(row, rng, size))
-    return None if ok else row["image_path"]
+    """Render one row and write its file (PNG or a DICOM form); return its ``image_path`` if the
+    write failed."""
+    out_dir, row, rng, size, form, seed = job
+    path = Path(out_dir) / row["image_path"]
+    if form == "png":
+        return None if cv2.imwrite(str(path), render_case(row, rng, size)) else row["image_path"]
+    from tools.dicom import write_dicom
+
+    film = render_phantom(sample_phantom(row, rng), size)
+    try:
+        write_dicom(path, dicom_stored(film, form), dicom_attributes(row, form, seed, film.shape[0]),
+                    DICOM_FORMS[form][2])
+    except OSError:
+        return row["image_path"]
+    return None
 
 
-def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, workers: int = 1) -> Path:
-    """Write ``out_dir/images/*.png``, ``out_dir/demo.csv`` (``CSV_COLUMNS``) and the ground truth
-    of failure modes 4-6, ``out_dir/TRUTH_FILE`` (``TRUTH_COLUMNS``, for tests; the suite never
-    reads it); return the CSV path. Same ``seed`` and ``n`` give byte-identical files, whatever
-    ``workers`` is."""
+def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, workers: int = 1,
+                      image_format: str = "png") -> Path:
+    """Write ``out_dir/images/*`` (PNG, or DICOM forms with ``image_format`` dicom or mixed),
+    ``out_dir/demo.csv`` (``CSV_COLUMNS``) and the ground truth of failure modes 4-6,
+    ``out_dir/TRUTH_FILE`` (``TRUTH_COLUMNS``, plus ``image_format`` unless png; for tests, the
+    suite never reads it); return the CSV path. Same ``seed``, ``n`` and format give
+    byte-identical files, whatever ``workers`` is."""
     from tools.files import write_csv
 
     if int(n) < 1:
@@ -880,6 +1016,12 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
         raise UserError(f"--size {size}: need at least 32 pixels")
     if int(workers) < 1:
         raise UserError(f"--workers {workers}: need at least 1 process")
+    if image_format not in FORMATS:
+        raise UserError(f"--format {image_format}: choose one of {', '.join(FORMATS)}")
+    if image_format != "png" and round(int(size) * PARAMS["hidden_device"]["size_ratio"]) < J2K_MIN_SIDE:
+        raise UserError(f"--size {size} with --format {image_format}: the JPEG 2000 films need {J2K_MIN_SIDE} px "
+                        f"and the hidden device writes {PARAMS['hidden_device']['size_ratio']:.3g} of --size; "
+                        "pass --size 37 or more")
     out_dir = Path(out_dir)
     try:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -887,8 +1029,10 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
         raise UserError(f"--out {out_dir}: cannot create the folder ({err.strerror}); "
                         "pick a writable path") from err
     cases = sample_cases(int(n), int(seed))
-    jobs = [(str(out_dir), row, rng, int(size))
-            for row, rng in zip(cases.to_dict("records"), image_generators(len(cases), int(seed)))]
+    forms = film_formats(len(cases), int(seed), image_format)
+    cases["image_path"] = [film_path(p, form) for p, form in zip(cases["image_path"], forms)]
+    jobs = [(str(out_dir), row, rng, int(size), form, int(seed))
+            for row, rng, form in zip(cases.to_dict("records"), image_generators(len(cases), int(seed)), forms)]
     if int(workers) > 1:
         # spawn, not fork: a forked child inherits the parent's thread pools (OpenMP, OpenCV) broken
         context = multiprocessing.get_context("spawn")
@@ -900,7 +1044,10 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
     if failed:
         raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); "
                         "check free space and permissions")
-    write_csv(out_dir / TRUTH_FILE, truth_table(cases))
+    truth = truth_table(cases)
+    if image_format != "png":
+        truth["image_format"] = forms
+    write_csv(out_dir / TRUTH_FILE, truth)
     return write_csv(out_dir / "demo.csv", cases[CSV_COLUMNS])
 
 
@@ -917,6 +1064,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes rendering in parallel (the output does not depend on it)")
+    parser.add_argument("--format", choices=FORMATS, default="png", dest="image_format",
+                        help="png: 8-bit PNG films; dicom: every film DICOM (12-bit MONOCHROME2/MONOCHROME1, RLE, "
+                             "JPEG 2000, no extension, 8-bit); mixed: half PNG, half those DICOM forms")
     return parser
 
 
@@ -924,7 +1074,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        csv_path = make_demo_dataset(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers)
+        csv_path = make_demo_dataset(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers,
+                                     image_format=args.image_format)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

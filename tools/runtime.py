@@ -118,7 +118,7 @@ def git_commit() -> str | None:
 
 def library_versions() -> dict:
     versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "albumentations", "cv2", "numpy", "pandas", "sklearn"):
+    for name in ("torch", "torchvision", "albumentations", "cv2", "numpy", "pandas", "sklearn", "pydicom"):
         module = sys.modules.get(name)
         if module is None:
             with contextlib.suppress(ImportError):
@@ -140,6 +140,7 @@ class Run:
     batch_size: int | None = None    # None: INFERENCE_BATCH of the device (training has its own)
     num_workers: int | None = None   # None: spare cores to decode, none for passes on the CPU
     cache_dir: Path | None = None    # None: decoded pixels kept in memory only
+    dicom_window: str = "file"       # how DICOM films are windowed (tools.dicom.WINDOW_MODES)
     skip_bad_images: bool = False
     compile: bool = False
     command: str | None = None

@@ -14,7 +14,7 @@ import pandas as pd
 
 from tools import distributed
 from tools.cache import build_store
-from tools.dataset import IMAGE_EXTENSIONS, CXRDataset
+from tools.dataset import CXRDataset, is_image_file
 from tools.errors import UserError
 from tools.runtime import Run
 from tools.table import (ReadRules, check_group_columns, check_images_exist, label_matrix, read_kept, resolve_paths,
@@ -94,11 +94,24 @@ class RowSubset:
 
 def shared_store(run: Run, paths, image_size: int):
     """Decoded pixels of ``paths`` for every rank: rank 0 decodes them (or finds them cached) and,
-    with a cache, the other ranks map its file; without one each rank decodes for itself."""
+    with a cache, the other ranks map its file; without one each rank decodes for itself. DICOM
+    films are read with the run's ``--dicom-window``."""
     if run.cache_dir is None:
-        return build_store(paths, image_size, None, run.workers, progress=distributed.is_main())
-    store = build_store(paths, image_size, run.cache_dir, run.workers, progress=True) if distributed.is_main() else None
+        return build_store(paths, image_size, None, run.workers, progress=distributed.is_main(),
+                           dicom_window=run.dicom_window)
+    store = (build_store(paths, image_size, run.cache_dir, run.workers, progress=True, dicom_window=run.dicom_window)
+             if distributed.is_main() else None)
     return distributed.broadcast_object(store)
+
+
+def bad_images_text(paths, store) -> str:
+    """The undecodable rows of ``store`` in words: the first file with why it could not be read
+    (what it is, for a DICOM that is no film), then up to two more paths."""
+    first = store.bad[0]
+    why = store.errors.get(first)
+    text = f"{paths[first]}: {why}" if why else paths[first]
+    others = [paths[i] for i in store.bad[1:3]]
+    return text + (f"; also {', '.join(others)}" if others else "")
 
 
 def load_split(run: Run, source: Source, split: str | None, labels, image_size: int) -> SplitData:
@@ -112,7 +125,7 @@ def load_split(run: Run, source: Source, split: str | None, labels, image_size: 
     y = label_matrix(df, labels) if all(lbl in df.columns for lbl in labels) else None
     data = SplitData(split, df, paths, y, store, image_size)
     if store.bad:
-        shown = ", ".join(paths[i] for i in store.bad[:3])
+        shown = bad_images_text(paths, store)
         if not run.skip_bad_images:
             raise UserError(f"--csv {source.csv}: {len(store.bad)} image(s) cannot be decoded (first: {shown}); "
                             "replace them or pass --skip-bad-images")
@@ -131,13 +144,15 @@ def table_split(source: Source, split: str | None, labels) -> SplitData:
 
 
 def find_images(folder) -> list[str]:
-    """Every image file under ``folder`` (recursively), sorted."""
+    """Every image file under ``folder`` (recursively, ``tools.dataset.is_image_file``: png, jpg,
+    jpeg, dcm, and DICOM files without an extension), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--image-dir {folder}: not a directory")
-    paths = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths = sorted(str(p) for p in folder.rglob("*") if p.is_file() and is_image_file(p))
     if not paths:
-        raise UserError(f"--image-dir {folder}: no .png/.jpg/.jpeg files found (searched recursively)")
+        raise UserError(f"--image-dir {folder}: no .png/.jpg/.jpeg/.dcm files (nor DICOM files without an extension) "
+                        "found (searched recursively)")
     return paths
 
 

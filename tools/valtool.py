@@ -1,9 +1,10 @@
 """``main.py valtool``: the whole suite on a new data set in one command.
 
 Labelled CSV: one clean pass over the split (logits and backbone features) feeds eval with
-slicing, calibration, MC-Dropout and selective prediction; only the 12 corrupted passes and the
-TTA draws run the model again. With ``--internal``, the model's metrics on its own test split are
-set against this data's, label by label (external validation). Unlabelled folder: predictions with MC-Dropout/TTA spread per
+slicing, calibration, MC-Dropout and selective prediction; only the corrupted passes (12 with
+the default corruptions, 18 more with the acquisition family) and the TTA draws run the model
+again. With ``--internal``, the model's metrics on its own test split are set against this
+data's, label by label (external validation). Unlabelled folder: predictions with MC-Dropout/TTA spread per
 image, image quality checks, and the stress pass as prediction shifts. Each stage writes into
 its own subfolder; ``summary.json`` and ``report.html`` sit on top.
 """
@@ -20,7 +21,7 @@ import pandas as pd
 from tools import distributed, figures
 from tools.audit import Subject, open_subject
 from tools.compare import internal_external_rows, internal_vs_external
-from tools.corruptions import SEVERITIES
+from tools.corruptions import FAMILIES
 from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_json
 from tools.findings import SHIFT_TOLERANCE, corruption_tests, describe, failure_list
@@ -63,7 +64,7 @@ class ValtoolOptions:
     bootstrap: int = 1000
     mc_samples: int = 20
     tta_samples: int = 8
-    corruptions: list = field(default_factory=lambda: list(SEVERITIES))
+    corruptions: list = field(default_factory=lambda: list(FAMILIES["default"]))  # names, not families
     case_label: str | None = None
     predictions: list | None = None
     pred_format: str | None = None
@@ -331,7 +332,7 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     write_csv(run.stage("quality").outdir / "image_quality.csv", quality)
     write_csv(run.stage("stress").outdir / "prediction_shifts.csv", shifts)
     figures.plot_corruption_examples(data.store[0], run.outdir / "stress" / "stress_examples.png", seed=run.seed,
-                                     title=f"{paths[0]} at model resolution")
+                                     title=f"{paths[0]} at model resolution", names=opts.corruptions)
     flagged = []
     for col in [c for c in quality.columns if c.startswith("flag_")]:
         count = int(quality[col].sum())

@@ -14,7 +14,7 @@ import pandas as pd
 
 from tools import figures
 from tools.corruptions import apply_corruption
-from tools.dataset import CXRDataset, letterbox, load_image, make_loader
+from tools.dataset import CXRDataset, make_loader, model_image
 from tools.errors import UserError
 from tools.files import write_json
 from tools.gradcam import film_gradcam
@@ -153,7 +153,7 @@ def run_case(run: Run, pick: Pick, df, opts: CaseOptions, model, corrupt: bool):
     if not Path(path).is_file():
         raise UserError(f"--preds {opts.preds}: image {path} of the chosen case not found under "
                         f"--img-root {opts.img_root}; pass the --img-root used for eval")
-    image = letterbox(load_image(path), opts.image_size)
+    image = model_image(path, opts.image_size, run.dicom_window)  # the pixels the store holds for the row
     films = [("clean", image)]
     if corrupt:
         # index = the row's position, as stress numbers images, so the corrupted film is the same.

@@ -68,8 +68,9 @@ def write_stress(run: Run, data: SplitData, clean_logits, results: dict, labels,
     write_csv(run.outdir / "stress_summary.csv", summary)
     for metric in ("auroc", "auprc"):
         figures.stress_curves(summary, labels, metric, run.outdir / f"stress_{metric}.png")
+    names = list(dict.fromkeys(name for name, _ in results))
     figures.plot_corruption_examples(data.store[0], run.outdir / "stress_examples.png", seed=run.seed,
-                             title=f"{data.paths[0]} at model resolution")
+                                     title=f"{data.paths[0]} at model resolution", names=names)
     for col in group_cols:
         write_csv(run.outdir / f"stress_by_{col}.csv", stress_by_group(data, clean_logits, results, col, labels))
     shown = summary[["corruption", "severity", "param", "macro_auroc", "delta_auroc"]]
