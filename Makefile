@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(shell cksum requirements-bench.txt | cut -d' ' -f1)
 DEMO := data/demo
+SITE := data/demo_site
 OUT := outputs/demo
 # Demo model: 128 px, trained from scratch on the CPU (no ImageNet weights offline), hence lr 1e-3.
 DEMO_FLAGS := --csv $(DEMO)/demo.csv --img-root $(DEMO)
@@ -33,6 +34,11 @@ demo: install
 	$(PY) main.py train $(DEMO_FLAGS) --image-size 128 --epochs $(EPOCHS) --lr 1e-3 --pretrained none --outdir $(OUT)/train
 	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site num_findings_bin --outdir $(OUT)/valtool
 	@echo "report: $(CURDIR)/$(OUT)/valtool/report.html"
+	# A new site without labels (another detector) against the demo's validation split: one corruption, no TTA, to stay short.
+	$(PY) -m tools.make_demo_data --out $(SITE) --n 150 --seed 1 --site-shift device --workers $(NPROC)
+	$(PY) main.py valtool --image-dir $(SITE)/images --weights $(OUT)/train/best.pt --reference $(DEMO)/demo.csv \
+	--img-root $(DEMO) --corruptions gaussian_blur --tta-samples 0 --outdir $(OUT)/new_site
+	@echo "new-site report: $(CURDIR)/$(OUT)/new_site/report.html"
 
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
@@ -48,4 +54,4 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 	touch $@
 
 clean-demo:
-	rm -rf $(DEMO) $(OUT)
+	rm -rf $(DEMO) $(SITE) $(OUT)

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from tools.cli import (Formatter, common_parser, discovery_flags, guarded, model_options, prediction_flags, run_options,
-                       slicing_flags, table_options, uncertainty_flags)
+from tools.cli import (Formatter, common_parser, discovery_flags, drift_flags, guarded, model_options, prediction_flags,
+                       run_options, slicing_flags, table_options, uncertainty_flags)
 from tools.corruptions import CHOICES as CORRUPTION_CHOICES
 from tools.corruptions import FAMILIES, SEVERITIES, corruption_names
 from tools.errors import UserError
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model's metrics on its own test split (metrics_test.json written by eval): the report "
                          "compares them with this data's, label by label (internal vs external)")
     discovery_flags(vt, optional=True)
+    drift_flags(vt)
 
     dis = sub.add_parser("discover", parents=[common], formatter_class=Formatter,
                          help="failures no column names: slices found on the features, shortcut probes, label issues")
@@ -243,7 +244,9 @@ def cmd_valtool(args) -> None:
                           case_label=args.case_label, predictions=args.predictions, pred_format=args.pred_format,
                           compare_with=args.compare_with, discover=not args.no_discover,
                           discover_split=args.discover_split, label_audit_folds=args.label_audit_folds,
-                          audit_split=args.audit_split, internal=args.internal, rules=read_rules(args))
+                          audit_split=args.audit_split, internal=args.internal, rules=read_rules(args),
+                          reference=args.reference, reference_split=args.reference_split,
+                          reference_root=args.reference_root, drift_permutations=args.drift_permutations)
     run_valtool(run, opts, compile=args.compile)
 
 

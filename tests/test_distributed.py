@@ -102,3 +102,29 @@ def test_torchrun_discover_matches_one_process(demo, trained, tmp_path):
         assert np.allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-4, equal_nan=True), name
         text = [c for c in a.columns if c not in numeric and c != "description"]
         assert a[text].astype(str).equals(b[text].astype(str)), name
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built in")
+def test_torchrun_new_site_against_a_reference_matches_one_process(demo, trained, tmp_path):
+    """valtool --image-dir --reference under torchrun: the folder's and the reference's passes
+    sharded, drift/ analysed and written once on rank 0, the same as one process's."""
+    from tools.make_demo_data import make_site
+
+    root, csv = demo
+    folder = make_site(tmp_path / "site", "exposure", n=30, seed=2, size=SIZE)
+    common = ["--image-dir", folder, "--weights", trained / "best.pt", "--reference", csv, "--reference-split", "test",
+              "--img-root", root, "--precision", "fp32", "--num-workers", 0, "--batch-size", 7, "--bootstrap", 50,
+              "--drift-permutations", 50, "--tta-samples", 0, "--mc-samples", 0, "--corruptions", "jpeg"]
+    proc = _torchrun("valtool", *common, "--outdir", tmp_path / "ddp")
+    assert proc.stderr.count("valtool done") == 1
+    assert run_main("valtool", *common, "--outdir", tmp_path / "one") == 0
+    a, b = (json.loads((tmp_path / d / "drift" / "drift_summary.json").read_text()) for d in ("ddp", "one"))
+    assert a["n_new"] == b["n_new"] == 30 and a["n_reference"] == b["n_reference"]
+    assert a["drift_detected"] == b["drift_detected"]
+    for key in ("domain_auroc", "domain_p_value", "mmd", "mmd_p_value"):
+        assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+    for name in ("property_drift.csv", "prediction_drift.csv", "ood_scores.csv"):
+        a, b = (pd.read_csv(tmp_path / d / "drift" / name) for d in ("ddp", "one"))
+        assert list(a.columns) == list(b.columns) and len(a) == len(b), name
+        numeric = a.select_dtypes("number").columns
+        assert np.allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-4, equal_nan=True), name

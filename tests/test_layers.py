@@ -18,14 +18,15 @@ LAYERS = [
     ["tools.inference", "tools.training"],                              # model passes
     ["tools.predictions", "tools.audit"],                                              # the predictions CSV
     ["tools.stats", "tools.findings", "tools.discover", "tools.metrics", "tools.slicing", "tools.compare", "tools.calibration", "tools.selective",
-     "tools.uncertainty", "tools.gradcam", "tools.image_stats"],        # analyses: no figures, no files
+     "tools.uncertainty", "tools.gradcam", "tools.image_stats", "tools.drift"],  # analyses: no figures, no files
     ["tools.figures"],                                                  # every figure
     ["tools.stages", "tools.stages.train", "tools.stages.evaluate", "tools.stages.stress",
      "tools.stages.calibrate", "tools.stages.selective", "tools.stages.case_studies",
-     "tools.stages.evidence", "tools.stages.compare", "tools.stages.discover", "tools.check_data"],                      # compute and write
+     "tools.stages.evidence", "tools.stages.compare", "tools.stages.discover", "tools.stages.drift",
+     "tools.check_data"],                                               # compute and write
     ["tools.html_report"],                                              # report.html
     ["tools.valtool"],                                                  # the whole suite
-    ["tools.make_demo_data", "tools.bench", "tools.export_model"],                            # stand-alone programs
+    ["tools.demo_sites", "tools.make_demo_data", "tools.bench", "tools.export_model"],        # stand-alone programs
     ["tools.cxr14", "tools.datasets", "tools.dicom_index"],             # other collections to the input CSV
 ]
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}

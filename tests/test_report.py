@@ -361,6 +361,48 @@ def test_unlabelled_mode_renders_without_metric_tables(tmp_path):
     assert text.count("data:image/png;base64,") == 1
 
 
+def test_drift_section_comes_first_and_greys_an_invalid_estimate(tmp_path):
+    out = tmp_path / "site"
+    write_json(out / "summary.json", {"mode": "unlabelled", "image_dir": "/data/new_site", "n": 40, "labels": LABELS,
+                                      "flagged_problems": [], "not_run": {}, "note": NOTICE})
+    write_json(out / "drift" / "drift_summary.json", {
+        "reference": {"csv": "/data/ref.csv", "split": "val", "origin": "--reference"}, "drift_detected": True,
+        "decision_rule": "either test's Holm-adjusted p-value (Holm over 2) below 0.05", "n_reference": 50,
+        "n_new": 40, "domain_auroc": 0.91234, "domain_auroc_ci": [0.85, 0.96], "domain_p_value": 0.0004,
+        "mmd": 0.0321, "mmd_p_value": 0.002, "permutations": 200,
+        "ood": {"count": 3, "n": 40, "threshold": 12.5, "expected": 0.4, "quantile": 0.99, "p_value": 0.001}})
+    per_label = {lbl: {"auroc": 0.7, "auroc_ci": [0.6, 0.8], "f1@0.5": 0.5, "f1@0.5_ci": [0.4, 0.6],
+                       "sensitivity": 0.6, "sensitivity_ci": [0.5, 0.7], "specificity": 0.8,
+                       "specificity_ci": [0.7, 0.9], "expected_prevalence": 0.3, "valid": False,
+                       "reference_measured": {"auroc": 0.75}} for lbl in LABELS}
+    write_json(out / "drift" / "estimated_performance.json",
+               {"valid": False, "invalid_reason": "feature drift detected: " + XSS, "per_label": per_label})
+    pd.DataFrame({"property": ["brightness", "file_format"], "kind": ["numeric", "categorical"],
+                  "statistic": ["ks", "chi2"], "distance": [0.41234, 0.0], "p_value": [0.0001, 1.0],
+                  "reference_mean": [100.0, None], "new_mean": [130.0, None], "reference_mode": [None, "PNG"],
+                  "new_mode": [None, "PNG"], "q_value": [0.0002, 1.0]}).to_csv(out / "drift" / "property_drift.csv",
+                                                                            index=False)
+    write_png(out / "drift" / "ood_montage.png")
+    text = read_report(out)
+    assert text.index("Is this site like the reference?") < text.index("Failures found")
+    assert "Drift detected" in text and "n_reference = 50, n_new = 40" in text and "0.912 [0.850, 0.960]" in text
+    assert text.count('<tr class="invalid">') == 3 and "Not valid: feature drift detected" in text
+    assert XSS not in text  # the reason is escaped like any text from a file
+    assert re.search(r"<td>brightness</td><td>ks</td><td[^>]*>0.412</td>", text)
+    assert re.search(r"<td>file_format</td><td>chi2</td>.*?<td>PNG</td><td>PNG</td>", text)
+    assert "3 of 40 films" in text and text.count("data:image/png;base64,") == 1
+
+
+def test_drift_section_says_why_it_did_not_run(tmp_path):
+    out = tmp_path / "site"
+    write_json(out / "summary.json", {"mode": "unlabelled", "image_dir": "/data/new_site", "n": 4, "labels": LABELS,
+                                      "not_run": {"drift": "needs a labelled reference: pass --reference CSV"},
+                                      "note": NOTICE})
+    text = read_report(out)
+    assert "Not assessed: needs a labelled reference: pass --reference CSV." in text
+    assert re.search(r"<td>Drift against a reference, label-free performance estimate</td>", text)
+
+
 # ====== in a real browser ======
 
 def chromium_binary():

@@ -109,3 +109,7 @@ def test_unlabelled_folder_gets_the_probabilities_eval_gives(demo, trained, labe
     assert summary["model_passes_over_split"] == 1 + 12 + 2
     mean = {lbl: float(preds[f"{lbl}_prob"].mean()) for lbl in LABELS}
     assert summary["mean_probability"] == pytest.approx(mean)
+    # without --reference: the training CSV and validation split the checkpoint records
+    reference = summary["drift"]["reference"]
+    assert reference["origin"] == "the checkpoint" and reference["split"] == "val"
+    assert reference["csv"] == str(csv.resolve()) and (out / "drift" / "estimated_performance.json").is_file()

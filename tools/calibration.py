@@ -1,4 +1,5 @@
-"""Calibration of multi-label sigmoid outputs: temperature scaling and calibration metrics.
+"""Calibration of multi-label sigmoid outputs: temperature scaling, Platt scaling (a temperature
+and a bias per label, for the label-free estimates of ``tools.drift``) and calibration metrics.
 
 Inputs are numpy arrays: ``logits`` / ``probs`` of shape (N, L) and labels ``y`` of the same shape
 holding 0/1, with NaN for an unknown label. Unknown (image, label) pairs are masked out of every
@@ -35,7 +36,7 @@ Brier score: mean of ``(p - y) ** 2`` over known pairs.
 
 import numpy as np
 
-from tools.metrics import as_resamples, binary_metrics
+from tools.metrics import as_resamples, binary_metrics, sigmoid
 
 N_BINS = 15
 PROB_CLIP = 1e-7
@@ -144,6 +145,66 @@ def apply_temperature(logits, T):
     if np.any(~(T > 0)):
         raise ValueError(f"temperature must be positive, got {T}")
     return np.asarray(logits, dtype=float) / T
+
+
+# ====== Platt scaling: a temperature and a bias per label ======
+
+def logistic_fit(x, y, c: float = 1.0, weights=None, iters: int = 100) -> np.ndarray:
+    """Coefficients (d + 1, B), intercept last, of one L2-penalised logistic regression per column
+    of ``y`` (n, B; 0/1) on ``x`` (n, d), each minimising ``c * sum of weighted log-losses +
+    |w|^2 / 2`` with the intercept unpenalised (scikit-learn's ``LogisticRegression(C=c)``);
+    ``weights`` (n, B): each row's weight in each fit (bootstrap multiplicities; default 1).
+    Newton's method on every column at once, so a test's permutations or a bootstrap's resamples
+    cost about one fit."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    n, d = x.shape
+    a = np.hstack([x, np.ones((n, 1))])
+    pairs = (a[:, :, None] * a[:, None, :]).reshape(n, -1)  # the Hessian is a weighted sum of these
+    penalty = np.diag(np.r_[np.ones(d), 0.0]) / c
+    w = np.ones(y.shape) if weights is None else np.asarray(weights, float)
+    beta = np.zeros((d + 1, y.shape[1]))
+    for _ in range(iters):
+        p = sigmoid(a @ beta)
+        grad = a.T @ (w * (y - p)) - penalty @ beta
+        hess = ((w * p * (1 - p)).T @ pairs).reshape(-1, d + 1, d + 1) + penalty
+        step = np.linalg.solve(hess, grad.T[..., None])[..., 0].T
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return beta
+
+
+PLATT_C = 1e6  # practically no penalty: two parameters per label need none
+
+
+def fit_platt(logits, y, weights=None) -> np.ndarray:
+    """Platt scaling per label: (slope, bias) with ``sigmoid(slope * logit + bias)`` the calibrated
+    probability, fitted by maximum likelihood on the label's known rows (Platt 1999; temperature
+    scaling is the slope alone, T = 1 / slope, which cannot undo a shift of every logit, such as
+    the log(n_neg / n_pos) a pos_weight-trained model carries). Shape (L, 2); with ``weights``
+    (bootstrap resamples: :class:`tools.metrics.Resamples` or multiplicities (B, N)) one fit per
+    resample, (B, L, 2). A label with one class or none known gets (1, 0): left as it is."""
+    logits, y = _columns(logits), _columns(y)
+    res = None if weights is None else as_resamples(weights, len(logits))
+    boot = 1 if res is None else res.n_boot
+    out = np.tile([1.0, 0.0], (boot, logits.shape[1], 1))
+    for j in range(logits.shape[1]):
+        known = ~np.isnan(y[:, j])
+        t = y[known, j]
+        if len(np.unique(t)) < 2:
+            continue
+        w = None if res is None else res.rows(known).weights().T
+        target = np.broadcast_to(t[:, None], (len(t), boot))
+        beta = logistic_fit(logits[known, j][:, None], target, PLATT_C, w)
+        out[:, j] = beta.T
+    return out[0] if res is None else out
+
+
+def apply_platt(logits, params) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid(slope * logits + bias)``; ``params`` (L, 2) from
+    :func:`fit_platt` broadcasts over the rows."""
+    params = np.asarray(params, float)
+    return sigmoid(np.asarray(logits, float) * params[..., 0] + params[..., 1])
 
 
 # ====== calibration metrics ======

@@ -116,6 +116,20 @@ def discovery_flags(parser, optional: bool) -> None:
         group.add_argument("--no-discover", action="store_true", help="skip slice discovery, probes and label issues")
 
 
+def drift_flags(parser) -> None:
+    """valtool --image-dir against the labelled data the model was validated on (drift/)."""
+    group = parser.add_argument_group("new site (with --image-dir)")
+    group.add_argument("--reference", default=None, metavar="CSV",
+                       help="labelled CSV the model was validated on: is the folder like it, and what performance to "
+                            "expect (default: the training CSV and validation split the checkpoint records, if still there)")
+    group.add_argument("--reference-split", default="val",
+                       help="split of --reference to compare with (a CSV without a split column: every row)")
+    group.add_argument("--reference-root", default=None,
+                       help="folder that --reference's image_path values are relative to (default: --img-root)")
+    group.add_argument("--drift-permutations", type=int, default=200,
+                       help="permutations of each drift test (domain classifier and MMD)")
+
+
 def uncertainty_flags(parser, reuse: bool) -> None:
     """``reuse``: also --test-split (calibrate and selective; valtool reports --split)."""
     group = parser.add_argument_group("calibration and uncertainty")

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from tools.corruptions import FAMILIES, apply_corruption, param_label
 from tools.files import atomic_path
+from tools.findings import p_text
 from tools.calibration import N_BINS, ece, reliability_bins
 from tools.gradcam import overlay
 from tools.metrics import REFERENCE_THRESHOLD
@@ -20,6 +21,7 @@ from tools.slicing import group_values
 
 MAX_PLOTTED_GROUPS = 10  # the largest groups are drawn; the CSV beside a figure keeps every group
 MAX_COMPARE_ROWS = 40  # beyond this a comparison figure keeps only the groups' macro rows
+MAX_CATEGORIES = 8  # categories drawn per image property (the most common); the CSV tests them all
 
 
 def save_figure(fig: Figure, path, dpi: int = 110) -> Path:
@@ -352,4 +354,85 @@ def compare_figure(table: pd.DataFrame, metric: str, path) -> Path:
     ax.set(xlabel=f"{metric} of B - {metric} of A{shown}", title=f"B - A: {metric} (95% paired bootstrap)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
+    return save_figure(fig, path)
+
+
+# ====== a new site against the reference ======
+
+
+def property_drift_figure(reference: pd.DataFrame, new: pd.DataFrame, table: pd.DataFrame, path) -> Path:
+    """One panel per tested property: the two samples' distributions (density histograms on
+    common bins for a number, shares of the most common values for a category), titled with the
+    distance and p-value of ``tools.drift.property_drift``'s ``table``."""
+    rows = list(table.itertuples(index=False))
+    ncol = min(3, max(1, len(rows)))
+    nrow = max(1, -(-len(rows) // ncol))
+    fig = Figure(figsize=(4.2 * ncol, 3.2 * nrow))
+    axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False).ravel())
+    for ax in axes[len(rows):]:
+        ax.set_axis_off()
+    sides = (("reference", reference, "tab:blue"), ("new site", new, "tab:orange"))
+    for ax, row in zip(axes, rows):
+        if row.kind == "numeric":
+            pooled = pd.concat([reference[row.property], new[row.property]]).dropna().to_numpy(float)
+            bins = np.histogram_bin_edges(pooled, bins=20) if len(pooled) else 20
+            for name, frame, colour in sides:
+                values = frame[row.property].dropna().to_numpy(float)
+                ax.hist(values, bins=bins, density=True, histtype="stepfilled", alpha=0.45, color=colour,
+                        label=f"{name} (n={len(values)})")
+            ax.set(xlabel=row.property, ylabel="density")
+        else:
+            shares = [frame[row.property].astype(object).where(frame[row.property].notna(), "(missing)").astype(str)
+                      .value_counts(normalize=True) for _, frame, _ in sides]
+            shown = (shares[0].add(shares[1], fill_value=0).sort_values(ascending=False).index[:MAX_CATEGORIES])
+            x = np.arange(len(shown))
+            for k, ((name, frame, colour), share) in enumerate(zip(sides, shares)):
+                ax.bar(x + (k - 0.5) * 0.4, share.reindex(shown, fill_value=0).to_numpy(), width=0.4, color=colour,
+                       label=f"{name} (n={len(frame)})")
+            ax.set_xticks(x, [str(v)[:10] for v in shown], fontsize=7, rotation=30)
+            ax.set(ylabel="share of films", xlabel=row.property)
+        distance = "n/a" if pd.isna(row.distance) else f"{row.distance:.2f}"
+        ax.set_title(f"{row.property}: {row.statistic} distance {distance}, p {p_text(row.p_value)}", fontsize=8)
+        ax.legend(fontsize=6)
+    fig.suptitle("image properties: reference against new site", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def prediction_drift_figure(table: pd.DataFrame, path) -> Path:
+    """Per label: mean predicted probability on the reference and the new site (left), and the
+    difference with its 95% interval (right; 0 = no shift)."""
+    labels = table["label"].tolist()
+    y = np.arange(len(labels))
+    fig = Figure(figsize=(9, 0.6 * len(labels) + 1.8))
+    left, right = fig.subplots(1, 2)
+    left.barh(y + 0.2, table["reference_mean_prob"], height=0.4, color="tab:blue", label="reference")
+    left.barh(y - 0.2, table["new_mean_prob"], height=0.4, color="tab:orange", label="new site")
+    left.set(yticks=y, yticklabels=labels, xlim=(0, 1), xlabel="mean predicted probability")
+    left.legend(fontsize=7)
+    diff = table["difference"].to_numpy(float)
+    lo, hi = table["ci_low"].to_numpy(float), table["ci_high"].to_numpy(float)
+    err = np.where(np.isfinite(lo), [diff - lo, hi - diff], 0.0)
+    right.errorbar(diff, y, xerr=err, fmt="o", color="black", capsize=3)
+    right.axvline(0, color="grey", lw=1, ls="--")
+    right.set(yticks=y, yticklabels=labels, xlabel="new minus reference (95% interval)")
+    fig.suptitle("predicted prevalence: reference against new site", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def ood_figure(reference_scores, new_scores, threshold: float, path) -> Path:
+    """Distances to the reference: the reference's own (out of sample) and the new films', with
+    the threshold new films are flagged at."""
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    pooled = np.r_[reference_scores, new_scores]
+    bins = np.histogram_bin_edges(pooled[np.isfinite(pooled)], bins=30)
+    ax.hist(reference_scores, bins=bins, density=True, alpha=0.45, color="tab:blue",
+            label=f"reference, out of sample (n={len(reference_scores)})")
+    ax.hist(new_scores, bins=bins, density=True, alpha=0.45, color="tab:orange", label=f"new site (n={len(new_scores)})")
+    ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.1f}")
+    ax.set(xlabel="Mahalanobis distance to the reference (shrunk covariance)", ylabel="density")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
     return save_figure(fig, path)

@@ -6,13 +6,17 @@ gives one comparison per label and metric, not two), a corrupted pass against th
 label (stress), ECE against its tolerance (calibration), and from ``tools.discover``: each
 discovered slice against the rest, each column probed for a shortcut, each label's count of
 confident contradictions against chance; on an unlabelled folder, each mean probability shift
-under a corruption against its tolerance. Every test carries a p-value; the
+under a corruption against its tolerance and, against a reference (``tools.drift``), the feature
+drift (two tests, Holm-adjusted), each image property's distribution, each label's mean
+predicted probability and the count of out-of-distribution films. Every test carries a p-value; the
 Benjamini-Hochberg q-values are computed over the whole family (``tools.stats.bh_qvalues``).
 
 An entry of the list is a test that points to a failure (the model does worse: a gap or a drop
 below 0, by at least MIN_DROP for a corruption; an ECE or a shift above its tolerance; a column
 the features predict with AUROC >= MIN_PROBE_AUROC while a label's prevalence differs across it;
-more contradicted labels than chance gives) with p < ALPHA. It
+more contradicted labels than chance gives; a new site unlike the reference: its features, an
+image property by a distance of MIN_PROPERTY_DISTANCE or more, a label's mean probability by
+MIN_PREVALENCE_SHIFT or more, more out-of-distribution films than the 1% expected) with p < ALPHA. It
 is a **finding** when q < ALPHA, otherwise a **candidate**: seen in this data, not established
 once the number of comparisons is accounted for.
 """
@@ -29,6 +33,8 @@ FLAG_METRICS = ("auroc", "sens@95spec", "f1@0.5")
 MIN_DROP = 0.02       # an AUROC drop under a corruption smaller than this is not a failure
 ECE_TOLERANCE = 0.05  # an ECE above this is a calibration failure
 SHIFT_TOLERANCE = 0.05  # unlabelled: a mean |probability shift| under a corruption above this
+MIN_PROPERTY_DISTANCE = 0.1  # a new site: an image property nearer the reference's (KS / total variation) is no failure
+MIN_PREVALENCE_SHIFT = 0.05  # nor is a label's mean predicted probability moving by less than this
 
 
 def slice_tests(result: dict, labels, metrics=FLAG_METRICS) -> list[dict]:
@@ -90,6 +96,14 @@ def is_failure(test: dict) -> bool:
         return test["value"] >= MIN_PROBE_AUROC and test.get("label") is not None
     if test["kind"] == "label_issue":
         return test["count"] > test["expected"]
+    if test["kind"] == "drift":
+        return True
+    if test["kind"] == "property_drift":
+        return test["value"] >= MIN_PROPERTY_DISTANCE
+    if test["kind"] == "prediction_drift":
+        return abs(test["value"]) >= MIN_PREVALENCE_SHIFT
+    if test["kind"] == "ood":
+        return test["count"] > test["expected"]
     return test["gap"] < 0
 
 
@@ -132,6 +146,19 @@ def describe(test: dict) -> str:
     if test["kind"] == "prediction_shift":
         return (f"{test['corruption']} severity {test['severity']}: {test['label']} probability moves "
                 f"{test['value']:.3f}{shown} on average, above {SHIFT_TOLERANCE} ({stat})")
+    if test["kind"] == "drift":
+        return (f"the new site's films differ from the reference's: domain classifier AUROC {test['value']:.3f}{shown}, "
+                f"MMD^2 {test['mmd']:.4f} (n_reference = {test['n_reference']}, n_new = {test['n_new']}; {stat}, "
+                "Holm over the two tests)")
+    if test["kind"] == "property_drift":
+        return (f"image property {test['property']}: {test['reference']} at the reference, {test['new']} at the new site "
+                f"({test['statistic']} distance {test['value']:.3f}; {stat})")
+    if test["kind"] == "prediction_drift":
+        return (f"{test['label']} mean predicted probability {test['reference']:.3f} at the reference, {test['new']:.3f} "
+                f"at the new site ({test['value']:+.3f}{_ci(ci)}; {stat})")
+    if test["kind"] == "ood":
+        return (f"{test['count']} of {test['n']} films out of distribution ({test['value']:.1%}{_pct(ci)}), "
+                f"{test['expected']:.1f} expected at the reference's 99th percentile ({stat})")
     return f"ECE {test['value']:.3f}{shown}, above the tolerance {ECE_TOLERANCE} ({stat})"
 
 

@@ -56,8 +56,11 @@ figcaption { color: #47525c; font-size: 0.92em; margin-top: 4px; max-width: 900p
 .badge-corruption { background: #c2461f; }
 .badge-calibration { background: #1f6fb2; }
 .badge-quality { background: #2f7d4a; }
+.badge-drift, .badge-propertydrift, .badge-predictiondrift, .badge-ood { background: #8a5a00; }
 .muted { color: #68737d; }
 .warn { color: #8a4b00; }
+.verdict { font-size: 1.1em; font-weight: 600; margin: 8px 0; }
+tr.invalid td { color: #9aa3ab; font-style: italic; }
 details { margin: 10px 0; }
 pre { background: #f6f8fa; border: 1px solid #dde3e8; padding: 10px; overflow-x: auto; font-size: 0.85em; }
 footer { max-width: 1120px; margin: 24px auto 0; padding: 12px 28px 24px; border-top: 1px solid #d6dde4;
@@ -274,9 +277,9 @@ def header_section(summary: dict, config: dict | None, generated: str) -> Html:
                 if record else "")
         model = f"{audited.get('file')} (layout: {audited.get('layout')}{spec})"
     items = [
-        ("Mode", "unlabelled image folder (no ground truth)" if unlabelled else "labelled CSV"),
-        ("Image folder" if unlabelled else "CSV", summary.get("image_dir") if unlabelled else summary.get("csv")),
-        ("Split", None if unlabelled else summary.get("split")),
+        ("Mode", "films without labels (no ground truth)" if unlabelled else "labelled CSV"),
+        ("Image folder" if summary.get("image_dir") else "CSV", summary.get("image_dir") or summary.get("csv")),
+        ("Split", summary.get("split")),
         ("Images (n)", fmt(summary.get("n"))),
         ("Labels", ", ".join(map(str, labels))),
         ("Model", model),
@@ -379,7 +382,9 @@ def family_note(family: dict | None) -> Html:
                 f"q = Benjamini-Hochberg q-value over that family; a finding has q < {family.get('alpha')}, a candidate "
                 f"only p < {family.get('alpha')} (seen in this data, not established after {family.get('tests')} "
                 "comparisons). Size is the change in the metric (slices, corruptions; negative = worse), the ECE "
-                "(calibration), the mean probability shift (corruptions without labels) or a count (data, quality).")
+                "(calibration), the mean probability shift (corruptions without labels) or a count (data, quality); against "
+                "a reference: the domain classifier's AUROC (drift), a distance (image property), a difference of "
+                "mean probability (prediction drift), the share of films out of distribution (ood).")
 
 
 def failures_section(summary: dict) -> Html:
@@ -518,7 +523,8 @@ def not_run_section(summary: dict) -> Html:
     if not not_run:
         return Html("")
     names = {"stress": "Stress test", "mc_dropout": "MC-Dropout", "tta": "Test-time augmentation",
-             "case_studies": "Grad-CAM case studies", "discover": "Slice discovery, shortcut probes, label issues"}
+             "case_studies": "Grad-CAM case studies", "discover": "Slice discovery, shortcut probes, label issues",
+             "drift": "Drift against a reference, label-free performance estimate"}
     rows = [[names.get(k, k), why] for k, why in not_run.items()]
     return section("Not run", [table(["analysis", "why"], rows)], "not-run")
 
@@ -829,6 +835,98 @@ def unlabelled_section(outdir: Path, summary: dict) -> Html:
     return section("Unlabelled folder: predictions without ground truth", parts, "unlabelled")
 
 
+def drift_section(outdir: Path, summary: dict) -> Html:
+    """Is this site like the reference? The verdict with its tests and sample sizes, the estimated
+    performance (greyed with a warning when drift makes it invalid), the image properties, the
+    predicted prevalences and the most atypical films."""
+    title, anchor = "Is this site like the reference?", "drift"
+    folder = outdir / "drift"
+    found = read_json_optional(folder / "drift_summary.json")
+    if not isinstance(found, dict) or "_error" in found:
+        why = ((summary.get("not_run") or {}).get("drift") or "drift/drift_summary.json is missing")
+        return section(title, [error_note(found), note(f"Not assessed: {why}.", "warn")], anchor)
+    ref = found.get("reference") or {}
+    n_ref, n_new = fmt(found.get("n_reference")), fmt(found.get("n_new"))
+    detected = found.get("drift_detected")
+    line = ("Drift detected: the new films differ from the reference's" if detected
+            else "No drift detected at this sample size")
+    parts = [Html(f'<p class="verdict{" warn" if detected else ""}">{esc(line)} '
+                  f"(n_reference = {esc(n_ref)}, n_new = {esc(n_new)}).</p>"),
+             facts([("Reference", f"{ref.get('csv')}, split {ref.get('split') or 'all rows'} (from {ref.get('origin')})"),
+                    ("Domain classifier", f"AUROC {fmt_ci(found.get('domain_auroc'), found.get('domain_auroc_ci'))}, "
+                                          f"p {fmt_p(found.get('domain_p_value'))}"),
+                    ("MMD^2", f"{fmt(found.get('mmd'), 4)}, p {fmt_p(found.get('mmd_p_value'))}"),
+                    ("Decision rule", found.get("decision_rule"))]),
+             note("Domain classifier: a logistic regression from the model's backbone features (principal components "
+                  "of both samples) to 'new site', scored out of fold; 0.5 = the sites cannot be told apart. MMD^2: "
+                  "Gaussian-kernel maximum mean discrepancy on the same features. Both p-values come from "
+                  f"{fmt(found.get('permutations'))} permutations of which film came from where.")]
+    parts += _estimate_parts(read_json_optional(folder / "estimated_performance.json"))
+    props = read_csv_optional(folder / "property_drift.csv")
+    if props is not None:
+        rows = [[r["property"], r["statistic"], r["distance"], fmt_p(r["p_value"]), fmt_p(r.get("q_value")),
+                 r["reference_mean"] if pd.notna(r["reference_mean"]) else r["reference_mode"],
+                 r["new_mean"] if pd.notna(r["new_mean"]) else r["new_mode"]] for _, r in props.iterrows()]
+        parts += [Html("<h3>Image properties</h3>"),
+                  note("Distance: Kolmogorov-Smirnov statistic for a number, total variation distance for a category "
+                       "(0 = the same distribution, 1 = no overlap); p from the KS or chi-square test, q "
+                       "Benjamini-Hochberg over the properties. Typical value: the mean, or the most common value."),
+                  table(["property", "test", "distance", "p", "q", "reference", "new site"], rows),
+                  figure(folder / "property_drift.png", "each property's distribution at the reference and the new site.")]
+    preds = read_csv_optional(folder / "prediction_drift.csv")
+    if preds is not None:
+        rows = [[r["label"], r["reference_mean_prob"], r["new_mean_prob"],
+                 f"{fmt(r['difference'], signed=True)} {fmt_interval([r['ci_low'], r['ci_high']], signed=True)}",
+                 fmt_p(r["p_value"]), r["reference_positive_rate"], r["new_positive_rate"]] for _, r in preds.iterrows()]
+        parts += [Html("<h3>Predicted prevalence</h3>"),
+                  note("Mean predicted probability and share of films at or above 0.5, with the 95% bootstrap interval "
+                       "of the difference (reference patients and new films resampled). A shift can be a real change "
+                       "of prevalence as well as a failure."),
+                  table(["label", "reference mean", "new mean", "difference [95% CI]", "p", "reference share >= 0.5",
+                         "new share >= 0.5"], rows),
+                  figure(folder / "prediction_drift.png", "mean predicted probability per label and the difference.")]
+    ood = found.get("ood") or {}
+    parts += [Html("<h3>Films unlike the reference</h3>"),
+              note(f"{fmt(ood.get('count'))} of {fmt(ood.get('n'))} films lie farther from the reference than "
+                   f"{_percent(ood.get('quantile'))} of the reference's own films (distance {fmt(ood.get('threshold'), 2)}; "
+                   f"{fmt(ood.get('expected'), 1)} expected if the site were like the reference, p "
+                   f"{fmt_p(ood.get('p_value'))}). Distance: Mahalanobis, on the backbone features, with a Ledoit-Wolf "
+                   "shrunk covariance; the reference's own distances are out of sample (cross-fitted). Every film: "
+                   "drift/ood_scores.csv."),
+              figure(folder / "ood_montage.png", "the most atypical films, farthest first."),
+              figure(folder / "ood_distances.png", "distances of the reference's films (out of sample) and the new ones.")]
+    return section(title, parts, anchor)
+
+
+def _percent(share) -> str:
+    return f"{100 * float(share):.0f}%" if is_number(share) else "n/a"
+
+
+def _estimate_parts(estimates) -> list[Html]:
+    """The label-free performance table: greyed, under a warning, when the estimate is not valid."""
+    if not isinstance(estimates, dict) or "_error" in estimates:
+        return [error_note(estimates)]
+    valid = bool(estimates.get("valid"))
+    rows, classes = [], []
+    for label, e in (estimates.get("per_label") or {}).items():
+        measured = e.get("reference_measured") or {}
+        rows.append([label, fmt_ci(e.get("auroc"), e.get("auroc_ci")), fmt_ci(e.get("f1@0.5"), e.get("f1@0.5_ci")),
+                     fmt_ci(e.get("sensitivity"), e.get("sensitivity_ci")),
+                     fmt_ci(e.get("specificity"), e.get("specificity_ci")), e.get("expected_prevalence"),
+                     measured.get("auroc")])
+        classes.append("" if e.get("valid") else "invalid")
+    parts = [Html("<h3>Expected performance without labels</h3>")]
+    if not valid:
+        parts.append(note(f"Not valid: {estimates.get('invalid_reason')}", "warn"))
+    parts += [note("Confidence-based performance estimation: each film's probability, calibrated on the reference "
+                   "(Platt scaling per label), is taken as its chance of being positive; the metrics are their "
+                   "expected values, with 95% intervals from labels drawn from those probabilities. It holds only "
+                   "when the reference's calibration holds here: no concept shift, films like the reference's."),
+              table(["label", "AUROC [95% CI]", "F1@0.5 [95% CI]", "sensitivity@0.5 [95% CI]",
+                     "specificity@0.5 [95% CI]", "expected prevalence", "reference AUROC (measured)"], rows, classes)]
+    return parts
+
+
 def config_section(config) -> Html:
     """config.json pretty-printed in a collapsed block."""
     if config is None:
@@ -861,7 +959,8 @@ def build_report(outdir, generated: str | None = None) -> str:
     generated = generated or datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     parts = [header_section(summary, config if isinstance(config, dict) else None, generated)]
     if summary.get("mode") == "unlabelled":
-        parts += [failures_section(summary), not_run_section(summary), unlabelled_section(outdir, summary)]
+        parts += [drift_section(outdir, summary), failures_section(summary), not_run_section(summary),
+                  unlabelled_section(outdir, summary)]
     else:
         parts += [headline_section(summary), internal_section(summary), failures_section(summary),
                   not_run_section(summary), compare_section(outdir, summary), discover_section(outdir),

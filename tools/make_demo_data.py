@@ -1052,6 +1052,8 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tools.demo_sites import SHIFTS
+
     parser = argparse.ArgumentParser(
         prog="python -m tools.make_demo_data",
         description="Write a synthetic chest X-ray demo data set (phantoms with planted failure modes).",
@@ -1060,6 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="output folder (images/, demo.csv and the tests' demo_truth.csv)")
     parser.add_argument("--n", type=int, default=1000, help="number of images")
+    parser.add_argument("--site-shift", choices=SHIFTS, default=None,
+                        help="write a new site's export instead: --out/images/*.png only (no table), the tests' "
+                             "site_truth.csv beside it; none = the demo's distribution (tools/demo_sites.py)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--workers", type=int, default=1,
@@ -1072,6 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.site_shift:
+        return site_main(args)
     start = time.perf_counter()
     try:
         csv_path = make_demo_dataset(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers,
@@ -1083,6 +1090,100 @@ def main(argv=None) -> int:
     prevalence = ", ".join(f"{label} {df[label].mean():.2f}" for label in LABELS)
     print(f"wrote {len(df)} images and {csv_path} in {time.perf_counter() - start:.1f} s "
           f"(prevalence: {prevalence}; AP {(df['view'] == 'AP').mean():.2f})")
+    return 0
+
+
+# ====== a new site (--site-shift): the demo's phantoms as another hospital exports them ======
+
+SITE_TRUTH_COLUMNS = ["image_path", "planted", "view", "site", "hidden_device", *[f"true_{label}" for label in LABELS]]
+
+
+def render_site_film(case, rng: np.random.Generator, size: int, kind: str, planted: str = "") -> np.ndarray:
+    """uint8 film of one ``sample_cases`` row as a new site of ``kind`` writes it
+    (``tools.demo_sites``): the phantom is drawn as for the demo, so a row shows the same patient
+    at every site; a planted lateral film goes through the row's own site processing."""
+    from tools.demo_sites import lateral_attenuation, shift_film
+
+    phantom = sample_phantom(case, rng)
+    if planted == "lateral":
+        image = _process(lateral_attenuation(rng, int(size)), phantom)
+        if phantom["tag"] is not None:
+            image = _burn_tag(image, phantom["tag"])
+    else:
+        image = render_phantom(phantom, size)
+    return to_uint8(shift_film(image, kind, planted, rng))
+
+
+def _write_site_film(job) -> str | None:
+    """Render one row of a new site and write its PNG; its ``image_path`` if the write failed."""
+    out_dir, row, rng, size, kind = job
+    film = render_site_film(row, rng, size, kind, row["planted"])
+    return None if cv2.imwrite(str(Path(out_dir) / row["image_path"]), film) else row["image_path"]
+
+
+def site_cases(n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows of ``sample_cases`` of ``seed``, one film per patient (drawn at random among the
+    patient's films), in patient order; ``row``: the film's row in that table, whose generator
+    renders it, so a site's film is the demo's film of the same row."""
+    m = 2 * n + 10
+    while True:
+        cases = sample_cases(m, seed)
+        if cases["patient_id"].nunique() > n:  # the last patient's films may have been cut short
+            break
+        m *= 2
+    pick = np.random.default_rng([seed, 8]).random(len(cases))
+    chosen = cases.assign(row=np.arange(len(cases)), pick=pick).sort_values(["patient_id", "pick"]).groupby(
+        "patient_id", sort=True).head(1)
+    return chosen.head(n).drop(columns="pick").reset_index(drop=True)
+
+
+def make_site(out_dir, kind: str, n: int = 300, seed: int = 0, size: int = 256, workers: int = 1) -> Path:
+    """A new site's export of ``n`` films of ``n`` patients: ``out_dir/images/n<row>.png`` and
+    nothing else in that folder (no table, no labels), and beside it ``out_dir/site_truth.csv``
+    (``SITE_TRUTH_COLUMNS``: the true labels and which films were planted, for tests only).
+    Patients, findings and sites are drawn as for the demo (``sample_cases``), one film of each
+    (``site_cases``: the drift tests take a folder's films as films of different patients); with
+    ``none`` the films are the demo's. Same ``seed``, same bytes, whatever ``workers`` is. Returns
+    the images folder."""
+    from tools.demo_sites import SHIFTS, SITE_TRUTH_FILE, planted_rows
+    from tools.files import write_csv
+
+    if kind not in SHIFTS:
+        raise UserError(f"--site-shift {kind}: choose one of {', '.join(SHIFTS)}")
+    if int(n) < 1 or int(size) < 32 or int(workers) < 1:
+        raise UserError(f"--n {n} --size {size} --workers {workers}: need at least 1 image, 32 pixels and 1 process")
+    out_dir = Path(out_dir)
+    try:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({err.strerror}); pick a writable path") from err
+    cases = site_cases(int(n), int(seed))
+    cases["image_path"] = [f"images/n{row:05d}.png" for row in range(len(cases))]
+    cases["planted"] = planted_rows(kind, len(cases), np.random.default_rng([int(seed), 7]))
+    generators = image_generators(int(cases["row"].max()) + 1, int(seed))
+    jobs = [(str(out_dir), row, generators[row["row"]], int(size), kind) for row in cases.to_dict("records")]
+    if int(workers) > 1:
+        context = multiprocessing.get_context("spawn")  # as make_demo_dataset: forked thread pools break
+        with ProcessPoolExecutor(int(workers), mp_context=context) as pool:
+            failed = [p for p in pool.map(_write_site_film, jobs, chunksize=max(1, len(jobs) // (8 * int(workers)))) if p]
+    else:
+        failed = [p for p in map(_write_site_film, jobs) if p]
+    if failed:
+        raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); check free space and permissions")
+    write_csv(out_dir / SITE_TRUTH_FILE, cases[SITE_TRUTH_COLUMNS])
+    return out_dir / "images"
+
+
+def site_main(args) -> int:
+    """``--site-shift``: write the new site and say where it is."""
+    start = time.perf_counter()
+    try:
+        folder = make_site(args.out, args.site_shift, n=args.n, seed=args.seed, size=args.size, workers=args.workers)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.n} films of a new site ({args.site_shift}) to {folder} in {time.perf_counter() - start:.1f} s; "
+          f"pass it as valtool --image-dir")
     return 0
 
 

@@ -274,7 +274,7 @@ def _suite(path: Path, ckpt: dict, request: ModelRequest) -> tuple[nn.Module, Mo
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
         raise UserError(f"--weights {path}: weights do not fit DenseNet-121 with {len(ckpt['labels'])} labels") from None
-    record = {k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch", "val_macro_auroc")}
+    record = {k: ckpt.get(k) for k in ("labels", "image_size", "arch", "dropout", "epoch", "val_macro_auroc", "data")}
     info = ModelInfo("suite", str(path), list(ckpt["labels"]), "imagenet", 3, size, dropout, True,
                      checkpoint=record, notes=["this suite's checkpoint"])
     return _with_spec(model, info), info

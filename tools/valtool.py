@@ -5,14 +5,16 @@ slicing, calibration, MC-Dropout and selective prediction; only the corrupted pa
 the default corruptions, 18 more with the acquisition family) and the TTA draws run the model
 again. With ``--internal``, the model's metrics on its own test split are set against this
 data's, label by label (external validation). Unlabelled folder: predictions with MC-Dropout/TTA spread per
-image, image quality checks, and the stress pass as prediction shifts. Each stage writes into
-its own subfolder; ``summary.json`` and ``report.html`` sit on top.
+image, image quality checks, and the stress pass as prediction shifts; against a labelled reference
+(``--reference``, or the training CSV the checkpoint records), whether the site is like it and what
+performance to expect (``tools.stages.drift``). Each stage writes into its own subfolder;
+``summary.json`` and ``report.html`` sit on top.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from tools import distributed, figures
 from tools.audit import Subject, open_subject
 from tools.compare import internal_external_rows, internal_vs_external
 from tools.corruptions import FAMILIES
+from tools.drift import MIN_IMAGES
 from tools.errors import UserError
 from tools.files import NOTICE, write_csv, write_json
 from tools.findings import SHIFT_TOLERANCE, corruption_tests, describe, failure_list
@@ -34,17 +37,20 @@ from tools.metrics import sigmoid
 from tools.model_files import ModelRequest
 from tools.predictions import predictions_frame, spread_columns, unmatched
 from tools.runtime import Run
-from tools.splits import load_folder
+from tools.splits import Source, SplitData, load_folder, load_split
 from tools.stages import case_studies as cases
 from tools.stages import stress
 from tools.stages.calibrate import calibration_split, samplers, spread, temperature_fit, write_calibration
 from tools.stages.evaluate import write_evaluation
 from tools.stages.discover import discovery_passes, write_discovery
+from tools.stages.drift import check_new_films, choose_reference, load_reference, write_drift
 from tools.stages.selective import confidence_signals, write_selective
-from tools.table import ReadRules
+from tools.table import ReadRules, find_name, header, label_matrix, read_kept
 from tools.uncertainty import public
 
 log = logging.getLogger("cxr")
+
+MIN_PERMUTATIONS = 20  # fewer permutations cannot estimate the drift tests' null distributions
 
 
 @dataclass
@@ -75,6 +81,10 @@ class ValtoolOptions:
     audit_split: str = "train"
     internal: str | None = None   # the model's metrics JSON on its own test split (internal vs external)
     rules: ReadRules = field(default_factory=ReadRules)  # --uncertain, --views
+    reference: str | None = None  # unlabelled mode: the labelled data the model was validated on (drift/)
+    reference_split: str | None = "val"
+    reference_root: str | None = None  # default: img_root
+    drift_permutations: int = 200
 
 
 def _flag(test: dict) -> dict:
@@ -295,11 +305,19 @@ def _discovery_summary(found: dict | None) -> dict | None:
 
 def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
     model, labels, image_size = subject.model, subject.labels, subject.image_size
-    data = load_folder(run, opts.image_dir, len(labels), image_size)
-    paths, df = data.paths, data.df
     mc_samples, tta_samples, not_run = samplers(subject, opts.mc_samples, opts.tta_samples)
-    clean = clean_pass(run, model, data, features=mc_samples > 0, desc="clean")
+    reference, ref_data = _drift_reference(run, opts, subject, not_run)
+    data, where = unlabelled_films(run, opts, labels, image_size)
+    paths, df = data.paths, data.df
+    if reference is not None and opts.reference:
+        check_new_films(len(paths), where)
+    elif reference is not None and len(paths) < MIN_IMAGES:
+        not_run["drift"] = f"needs at least {MIN_IMAGES} films in {where} for its two-sample tests, found {len(paths)}"
+        reference = None
+    # ====== the clean passes: the folder's and the reference's (features for drift/) ======
+    clean = clean_pass(run, model, data, features=mc_samples > 0 or reference is not None, desc="clean")
     probs = sigmoid(clean["logits"])
+    ref_out = clean_pass(run, model, ref_data, features=True, desc="reference") if reference is not None else None
     mc, tta = spread(run, model, data, clean.get("features"), labels, mc_samples, tta_samples, labelled=False)
     extra = {}
     for j, lbl in enumerate(labels):
@@ -338,14 +356,82 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
         count = int(quality[col].sum())
         if count:
             flagged.append(_fact("quality", f"{count} image(s) {col.removeprefix('flag_').replace('_', ' ')}", count))
-    listed = failure_list(tests)
+    found = {"summary": None, "tests": []}
+    if reference is not None:
+        found = write_drift(run.stage("drift"), reference, ref_data, ref_out, data, clean, labels, opts.bootstrap,
+                            opts.drift_permutations)
+    elif "drift" in not_run:
+        log.warning("drift: %s", not_run["drift"])
+    listed = failure_list(tests + found["tests"])
     flagged += [_flag(t) for t in listed["entries"]]
-    return {"mode": "unlabelled", "image_dir": str(opts.image_dir), "n": len(paths), "labels": labels,
+    source = {"image_dir": str(opts.image_dir)} if opts.image_dir else {"csv": str(opts.csv), "split": data.name}
+    return {"mode": "unlabelled", **source, "n": len(paths), "labels": labels,
             "mean_probability": {lbl: float(probs[:, j].mean()) for j, lbl in enumerate(labels)},
             "uncertainty": {"mc_dropout": public(mc), "tta": public(tta)},
             "largest_prediction_shift": _largest_shift(shifts, labels),
             "model_passes_over_split": model_passes(results, tta, tta_samples),
+            "drift": _drift_entry(found["summary"]),
             "failure_family": listed["family"], "flagged_problems": flagged, "not_run": not_run, "note": NOTICE}
+
+
+def _drift_reference(run: Run, opts: ValtoolOptions, subject: Subject, not_run: dict) -> tuple:
+    """(the reference, its rows with pixels) for drift/, read and checked before any model pass;
+    (None, None), with the reason in ``not_run``, when there is none (no --reference and no usable
+    record in the checkpoint) or the model has no features to compare."""
+    record = subject.info.checkpoint if subject.info else None
+    root = opts.reference_root if opts.reference_root is not None else opts.img_root
+    reference, reason = choose_reference(opts.reference, root, opts.reference_split, record)
+    if reason is None and subject.missing("features"):
+        if opts.reference:
+            raise UserError(f"--reference: drift {subject.missing('features').removesuffix(': not run')}; pass a "
+                            "checkpoint or a state_dict as --weights")
+        reason = f"drift {subject.missing('features')}"
+    if reason is None:
+        try:
+            return reference, load_reference(run, reference, subject.labels, subject.image_size, opts.rules)
+        except UserError as exc:
+            if opts.reference:
+                raise
+            reason = f"the reference the checkpoint records cannot be used ({exc}); pass --reference CSV"
+    not_run["drift"] = reason
+    return None, None
+
+
+def _drift_entry(found: dict | None) -> dict | None:
+    """What summary.json keeps of drift/drift_summary.json."""
+    if found is None:
+        return None
+    keys = ("drift_detected", "verdict", "decision_rule", "p_value", "domain_auroc", "domain_auroc_ci",
+            "domain_p_value", "mmd", "mmd_p_value", "n_reference", "n_new", "reference", "properties_drifted",
+            "estimates_valid")
+    return {k: found[k] for k in keys} | {"ood_flagged": found["ood"]["count"]}
+
+
+def _without_label_values(opts: ValtoolOptions) -> bool:
+    """Whether --csv lists films without a value for any of the model's analysed labels (no such
+    column, or only empty cells): a new site's list of films, analysed as an unlabelled folder is."""
+    if not opts.csv or not opts.model.weights or opts.predictions or not Path(opts.csv).is_file():
+        return False
+    from tools.model_files import choose_labels, read_model_file
+
+    columns = header(opts.csv)
+    labels = choose_labels(read_model_file(opts.model)[1], opts.labels, None)
+    present = [label for label in labels if find_name(label, columns)]
+    if present and not np.isnan(label_matrix(read_kept(opts.csv, present, rules=opts.rules)[0], present)).all():
+        return False
+    log.info("--csv %s holds no value for the model's labels (%s): analysed as films without labels, like --image-dir",
+             opts.csv, " ".join(labels))
+    return True
+
+
+def unlabelled_films(run: Run, opts: ValtoolOptions, labels, image_size: int) -> tuple[SplitData, str]:
+    """The films of an unlabelled run and the flag that named them: every image under --image-dir,
+    or the rows of --csv (of --split when it has a split column), labels unknown."""
+    if opts.image_dir:
+        return load_folder(run, opts.image_dir, len(labels), image_size), f"--image-dir {opts.image_dir}"
+    source = Source(opts.csv, opts.img_root, read_kept(opts.csv, labels, require_labels=False, rules=opts.rules)[0])
+    data = load_split(run, source, opts.split, labels, image_size)
+    return replace(data, y=np.full((len(data.paths), len(labels)), np.nan, np.float32)), f"--csv {opts.csv}"
 
 
 def _folder_subject(run: Run, opts: ValtoolOptions, compile: bool) -> Subject:
@@ -370,16 +456,23 @@ def _largest_shift(shifts, labels):
 def run_valtool(run: Run, opts: ValtoolOptions, compile: bool = False) -> dict:
     if bool(opts.csv) == bool(opts.image_dir):
         raise UserError("valtool takes either --csv (labelled) or --image-dir DIR (unlabelled folder), not both/neither")
-    if opts.image_dir:
+    if opts.image_dir or _without_label_values(opts):
         if not opts.model.weights:
             raise UserError("valtool --image-dir needs the model: pass --weights (predictions cannot be made for new images)")
         if opts.predictions:
             raise UserError("valtool --image-dir runs the model on the folder's images; --predictions applies to --csv")
         if opts.internal:
-            raise UserError("valtool --internal compares metrics on labelled data: it applies to --csv, not --image-dir")
+            raise UserError("valtool --internal compares metrics on labelled data: it applies to a labelled --csv, not to "
+                            "films without labels")
+        if opts.drift_permutations < MIN_PERMUTATIONS:
+            raise UserError(f"--drift-permutations {opts.drift_permutations}: need at least {MIN_PERMUTATIONS} for the "
+                            "drift tests' null distributions")
         subject = _folder_subject(run, opts, compile)
         summary = run_unlabelled(run, opts, subject)
     else:
+        if opts.reference:
+            raise UserError("valtool --reference compares films without labels (--image-dir, or a --csv without label "
+                            "values) with labelled data; a labelled --csv is evaluated on its own labels")
         subject = open_subject(run, opts.model, opts.predictions, opts.pred_format, opts.csv, opts.img_root,
                                opts.labels, opts.group_cols, compile, opts.rules)
         summary = run_labelled(run, opts, subject)

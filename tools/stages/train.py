@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -57,6 +58,14 @@ def split_table(run: Run, source: Source, fractions=None) -> Source:
     elif "split" not in table.columns:
         raise UserError(f"--csv {source.csv}: no split column; add one (train/val/test) or pass --auto-split 0.7 0.1 0.2")
     return replace(source, table=table)
+
+
+def data_record(run: Run, source: Source, fractions=None) -> dict:
+    """What the checkpoint records of its data, so that a later check of a new site can find the
+    films the model was validated on: the table (``splits.csv`` when train made the splits), the
+    folder its image paths start from (absolute paths) and the validation split's name."""
+    csv = run.outdir / "splits.csv" if fractions else Path(source.csv)
+    return {"csv": str(csv.resolve()), "img_root": str(Path(source.img_root).resolve()), "val_split": "val"}
 
 
 def _validate(run, model, val, labels, pos_weight) -> dict:
@@ -126,6 +135,7 @@ def train(run: Run, source: Source, labels, image_size: int, recipe: Recipe, fra
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     augment = SeededAugment(run.seed, stream=0)
     train_set = train_data.dataset(transform=augment)
+    record = data_record(run, source, fractions)
 
     # ====== epochs ======
     for epoch in range(start_epoch, recipe.epochs + 1):
@@ -151,7 +161,7 @@ def train(run: Run, source: Source, labels, image_size: int, recipe: Recipe, fra
             best, best_epoch = auroc, epoch
         if distributed.is_main():
             meta = dict(labels=labels, image_size=image_size, dropout=recipe.dropout, epoch=epoch,
-                        val_macro_auroc=None if math.isnan(auroc) else auroc)
+                        val_macro_auroc=None if math.isnan(auroc) else auroc, data=record)
             _save_epoch(run, model, optimizer, scheduler, meta, best, best_epoch, improved, rows)
         log.info("epoch %d: train_loss %.4f val_loss %.4f val macro AUROC %.4f%s (%.0f img/s)", epoch,
                  row["train_loss"], row["val_loss"], auroc, " (best)" if improved else "",
