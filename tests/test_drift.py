@@ -224,6 +224,13 @@ def test_property_drift_tests_numbers_by_ks_and_categories_by_chi_square():
     assert height["reference_mean"] == pytest.approx(248.0) and height["reference_mode"] == "256"
     assert table.loc["file_format", ["distance", "p_value"]].tolist() == [0.0, 1.0]
     assert table.loc["manufacturer", "distance"] == pytest.approx(1.0)  # a missing tag is a category of its own
+    # the distances' intervals: resamples of the same statistics, around the observed distance
+    assert drift.ks_distance(ref["brightness"].to_numpy(), new["brightness"].to_numpy()) == pytest.approx(ks.statistic)
+    for prop, row in table.iterrows():
+        assert row["distance_ci_low"] <= row["distance"] <= row["distance_ci_high"], prop
+    assert table.loc["file_format", ["distance_ci_low", "distance_ci_high"]].tolist() == [0.0, 0.0]
+    assert table.loc["manufacturer", ["distance_ci_low", "distance_ci_high"]].tolist() == [1.0, 1.0]
+    assert drift.property_drift(ref, new, n_boot=0)["distance_ci_low"].isna().all()
 
 
 def test_prediction_drift_difference_and_interval():

@@ -44,7 +44,8 @@ with more than CATEGORICAL_MAX_VALUES distinct values is compared by the two-sam
 Kolmogorov-Smirnov test (distance: the KS statistic, the largest gap between the two cumulative
 distributions); any other is categorical (missing values a category of their own): the
 chi-square test of the 2 x k table of counts, distance: the total variation distance (half the
-sum of the absolute differences of the two samples' shares). Both distances lie in [0, 1].
+sum of the absolute differences of the two samples' shares). Both distances lie in [0, 1]; each
+carries a 95% percentile interval over PROPERTY_RESAMPLES resamples of both tables' films.
 
 Prediction drift (``prediction_drift``): per label, the mean predicted probability and the share
 at or above 0.5 on each side; the new minus the reference with a 95% percentile interval from
@@ -98,6 +99,7 @@ ALPHA = 0.05
 DRIFT_COMPONENTS = 10        # whitened principal components the drift tests run on (at most)
 CV_FOLDS = 5                 # folds of the domain classifier
 CATEGORICAL_MAX_VALUES = 10  # a numeric property with this many distinct values or fewer is categorical
+PROPERTY_RESAMPLES = 200     # resamples of the interval of each property's distance
 OOD_FOLDS = 10               # cross-fitting folds for the reference's own distances
 OOD_QUANTILE = 0.99          # a new film farther than this quantile of the reference's distances is flagged
 MIN_IMAGES = 10              # fewer films on either side: no test is run
@@ -262,9 +264,13 @@ def feature_drift(reference_features, reference_clusters, new_features, n_permut
 
 # ====== image properties ======
 
-def property_drift(reference: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PROPERTY_RESAMPLES,
+                   seed: int = 0) -> pd.DataFrame:
     """One row per property both tables have (module docstring): ``property, kind, statistic,
-    distance, p_value, reference_mean, new_mean, reference_mode, new_mode, n_reference, n_new``."""
+    distance, distance_ci_low, distance_ci_high, p_value, reference_mean, new_mean, reference_mode,
+    new_mode, n_reference, n_new``; the distance's 95% interval is the percentile interval over
+    ``n_boot`` resamples of each table's rows (none when ``n_boot`` is 0)."""
+    rng = np.random.default_rng([seed, 11])
     rows = []
     for col in [c for c in reference.columns if c != "image_path" and c in new.columns]:
         a, b = reference[col], new[col]
@@ -273,18 +279,41 @@ def property_drift(reference: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
         row = {"property": col, "n_reference": int(a.notna().sum()), "n_new": int(b.notna().sum()),
                "reference_mean": float(a.mean()) if numeric and a.notna().any() else None,
                "new_mean": float(b.mean()) if numeric and b.notna().any() else None,
-               "reference_mode": None, "new_mode": None}
+               "reference_mode": None, "new_mode": None, "distance_ci_low": None, "distance_ci_high": None}
         if numeric and distinct > CATEGORICAL_MAX_VALUES:
             x, y = a.dropna().to_numpy(float), b.dropna().to_numpy(float)
             test = ks_2samp(x, y) if len(x) and len(y) else None
             row |= {"kind": "numeric", "statistic": "ks", "distance": None if test is None else float(test.statistic),
                     "p_value": None if test is None else float(test.pvalue)}
+            samples, distance = (x, y), ks_distance
         else:
             row |= {"kind": "categorical", "statistic": "chi2", "reference_mode": _mode(a), "new_mode": _mode(b),
                     **_categorical(a, b)}
+            codes = pd.factorize(pd.concat([_categories(a), _categories(b)]))[0]
+            samples, distance = (codes[:len(a)], codes[len(a):]), tv_distance
+        if row["distance"] is not None and n_boot > 0 and min(map(len, samples)):
+            draws = [distance(*(v[rng.integers(0, len(v), len(v))] for v in samples)) for _ in range(n_boot)]
+            row["distance_ci_low"], row["distance_ci_high"] = percentile_ci(np.asarray(draws))
         rows.append(row)
-    return pd.DataFrame(rows, columns=["property", "kind", "statistic", "distance", "p_value", "reference_mean",
-                                       "new_mean", "reference_mode", "new_mode", "n_reference", "n_new"])
+    return pd.DataFrame(rows, columns=["property", "kind", "statistic", "distance", "distance_ci_low", "distance_ci_high",
+                                       "p_value", "reference_mean", "new_mean", "reference_mode", "new_mode",
+                                       "n_reference", "n_new"])
+
+
+def ks_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical
+    cumulative distribution functions (scipy's ``ks_2samp(x, y).statistic``)."""
+    grid = np.concatenate([x, y])
+    fx = np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    fy = np.searchsorted(np.sort(y), grid, side="right") / len(y)
+    return float(np.abs(fx - fy).max())
+
+
+def tv_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Total variation distance of two samples of category codes (0..k-1): half the sum of the
+    absolute differences of their shares."""
+    k = int(max(a.max(initial=0), b.max(initial=0))) + 1
+    return float(0.5 * np.abs(np.bincount(a, minlength=k) / len(a) - np.bincount(b, minlength=k) / len(b)).sum())
 
 
 def _categories(values: pd.Series) -> pd.Series:

@@ -128,7 +128,7 @@ def write_drift(run: Run, reference: Reference, ref: SplitData, ref_out: dict, n
     # ====== image properties ======
     props_ref, props_new = image_properties(ref.paths, ref.store), image_properties(new.paths, new.store)
     props_ref = props_ref.iloc[tested].reset_index(drop=True)
-    properties = dr.property_drift(props_ref, props_new)
+    properties = dr.property_drift(props_ref, props_new, seed=seed)
     q = bh_qvalues(properties["p_value"].astype(float).to_numpy())
     properties["q_value"] = np.where(np.isnan(q), None, q)
     write_csv(run.outdir / "property_drift.csv", properties)
@@ -241,7 +241,8 @@ def _tests(summary: dict, domain: dict, properties: pd.DataFrame, predictions: p
     for _, r in properties.iterrows():
         if r["p_value"] is not None and not pd.isna(r["p_value"]):
             tests.append({"kind": "property_drift", "property": r["property"], "statistic": r["statistic"],
-                          "value": float(r["distance"]), "ci95": None, "p_value": float(r["p_value"]),
+                          "value": float(r["distance"]), "ci95": _interval(r["distance_ci_low"], r["distance_ci_high"]),
+                          "p_value": float(r["p_value"]),
                           "reference": _shown(r, "reference"), "new": _shown(r, "new")})
     for _, r in predictions.iterrows():
         if r["p_value"] is not None and not pd.isna(r["p_value"]):
@@ -252,6 +253,10 @@ def _tests(summary: dict, domain: dict, properties: pd.DataFrame, predictions: p
         tests.append({"kind": "ood", "value": ood["share"], "ci95": ood["share_ci95"], "p_value": ood["p_value"],
                       "count": ood["count"], "n": ood["n"], "expected": ood["expected"]})
     return tests
+
+
+def _interval(low, high) -> list | None:
+    return None if low is None or pd.isna(low) else [float(low), float(high)]
 
 
 def _shown(row, side: str) -> str:
