@@ -267,8 +267,8 @@ def feature_drift(reference_features, reference_clusters, new_features, n_permut
 def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PROPERTY_RESAMPLES,
                    seed: int = 0) -> pd.DataFrame:
     """One row per property both tables have (module docstring): ``property, kind, statistic,
-    distance, distance_ci_low, distance_ci_high, p_value, reference_mean, new_mean, reference_mode,
-    new_mode, n_reference, n_new``; the distance's 95% interval is the percentile interval over
+    distance, p_value, reference_mean, new_mean, reference_mode, new_mode, n_reference, n_new,
+    distance_ci_low, distance_ci_high``; the distance's 95% interval is the percentile interval over
     ``n_boot`` resamples of each table's rows (none when ``n_boot`` is 0)."""
     rng = np.random.default_rng([seed, 11])
     rows = []
@@ -295,9 +295,9 @@ def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PRO
             draws = [distance(*(v[rng.integers(0, len(v), len(v))] for v in samples)) for _ in range(n_boot)]
             row["distance_ci_low"], row["distance_ci_high"] = percentile_ci(np.asarray(draws))
         rows.append(row)
-    return pd.DataFrame(rows, columns=["property", "kind", "statistic", "distance", "distance_ci_low", "distance_ci_high",
-                                       "p_value", "reference_mean", "new_mean", "reference_mode", "new_mode",
-                                       "n_reference", "n_new"])
+    return pd.DataFrame(rows, columns=["property", "kind", "statistic", "distance", "p_value", "reference_mean",
+                                       "new_mean", "reference_mode", "new_mode", "n_reference", "n_new",
+                                       "distance_ci_low", "distance_ci_high"])
 
 
 def ks_distance(x: np.ndarray, y: np.ndarray) -> float:
