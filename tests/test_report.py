@@ -380,15 +380,15 @@ def test_drift_section_comes_first_and_greys_an_invalid_estimate(tmp_path):
     pd.DataFrame({"property": ["brightness", "file_format"], "kind": ["numeric", "categorical"],
                   "statistic": ["ks", "chi2"], "distance": [0.41234, 0.0], "p_value": [0.0001, 1.0],
                   "reference_mean": [100.0, None], "new_mean": [130.0, None], "reference_mode": [None, "PNG"],
-                  "new_mode": [None, "PNG"], "q_value": [0.0002, 1.0]}).to_csv(out / "drift" / "property_drift.csv",
-                                                                            index=False)
+                  "new_mode": [None, "PNG"], "distance_ci_low": [0.3, 0.0], "distance_ci_high": [0.55, 0.0],
+                  "q_value": [0.0002, 1.0]}).to_csv(out / "drift" / "property_drift.csv", index=False)
     write_png(out / "drift" / "ood_montage.png")
     text = read_report(out)
     assert text.index("Is this site like the reference?") < text.index("Failures found")
     assert "Drift detected" in text and "n_reference = 50, n_new = 40" in text and "0.912 [0.850, 0.960]" in text
     assert text.count('<tr class="invalid">') == 3 and "Not valid: feature drift detected" in text
     assert XSS not in text  # the reason is escaped like any text from a file
-    assert re.search(r"<td>brightness</td><td>ks</td><td[^>]*>0.412</td>", text)
+    assert re.search(r"<td>brightness</td><td>ks</td><td[^>]*>0.412 \[0.300, 0.550\]</td>", text)
     assert re.search(r"<td>file_format</td><td>chi2</td>.*?<td>PNG</td><td>PNG</td>", text)
     assert "3 of 40 films" in text and text.count("data:image/png;base64,") == 1
 

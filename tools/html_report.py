@@ -864,14 +864,17 @@ def drift_section(outdir: Path, summary: dict) -> Html:
     parts += _estimate_parts(read_json_optional(folder / "estimated_performance.json"))
     props = read_csv_optional(folder / "property_drift.csv")
     if props is not None:
-        rows = [[r["property"], r["statistic"], r["distance"], fmt_p(r["p_value"]), fmt_p(r.get("q_value")),
+        rows = [[r["property"], r["statistic"],
+                 fmt_ci(r["distance"], [r.get("distance_ci_low"), r.get("distance_ci_high")]),
+                 fmt_p(r["p_value"]), fmt_p(r.get("q_value")),
                  r["reference_mean"] if pd.notna(r["reference_mean"]) else r["reference_mode"],
                  r["new_mean"] if pd.notna(r["new_mean"]) else r["new_mode"]] for _, r in props.iterrows()]
         parts += [Html("<h3>Image properties</h3>"),
                   note("Distance: Kolmogorov-Smirnov statistic for a number, total variation distance for a category "
-                       "(0 = the same distribution, 1 = no overlap); p from the KS or chi-square test, q "
+                       "(0 = the same distribution, 1 = no overlap), with its 95% interval over resamples of both "
+                       "sides' films; p from the KS or chi-square test, q "
                        "Benjamini-Hochberg over the properties. Typical value: the mean, or the most common value."),
-                  table(["property", "test", "distance", "p", "q", "reference", "new site"], rows),
+                  table(["property", "test", "distance [95% CI]", "p", "q", "reference", "new site"], rows),
                   figure(folder / "property_drift.png", "each property's distribution at the reference and the new site.")]
     preds = read_csv_optional(folder / "prediction_drift.csv")
     if preds is not None:
