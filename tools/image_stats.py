@@ -68,11 +68,13 @@ def image_properties(paths, store) -> pd.DataFrame:
     al. 2000), and from the file's header, read without decoding it again: ``original_height``,
     ``original_width``, ``bit_depth`` (bits per sample; BitsStored for DICOM) and ``file_format``
     (PIL's name, or DICOM)."""
-    return _measure(paths, store).drop(columns="saturated_share")
+    return measure_images(paths, store).drop(columns="saturated_share")
 
 
-def _measure(paths, store) -> pd.DataFrame:
-    """:func:`image_properties` plus ``saturated_share`` (content pixels >= 250)."""
+def measure_images(paths, store) -> pd.DataFrame:
+    """:func:`image_properties` plus ``saturated_share`` (content pixels >= 250): one pass over
+    the files' headers and the stored pixels, from which both the properties and
+    :func:`quality_table` are taken."""
     import cv2
     from PIL import Image
 
@@ -106,7 +108,12 @@ def image_quality(paths, store, image_size) -> pd.DataFrame:
     """Per image: original size, brightness, contrast, sharpness, bit depth and format
     (:func:`image_properties`) and simple flags (tiny, nearly blank, saturated, dark,
     undecodable) that often explain odd predictions."""
-    m = _measure(paths, store)
+    return quality_table(measure_images(paths, store), store.bad, image_size)
+
+
+def quality_table(m: pd.DataFrame, bad, image_size) -> pd.DataFrame:
+    """:func:`image_quality` from :func:`measure_images`'s table ``m`` and the store's
+    undecodable rows ``bad``."""
     h, w = m["original_height"].astype(float), m["original_width"].astype(float)
     return pd.DataFrame({
         "image_path": m["image_path"], "height": m["original_height"], "width": m["original_width"],
@@ -114,4 +121,4 @@ def image_quality(paths, store, image_size) -> pd.DataFrame:
         "bit_depth": m["bit_depth"], "file_format": m["file_format"],
         "flag_small": (np.fmin(h, w) < image_size).to_numpy(), "flag_low_contrast": (m["contrast"] < 10).to_numpy(),
         "flag_saturated": (m["saturated_share"] > 0.2).to_numpy(), "flag_dark": (m["brightness"] < 30).to_numpy(),
-        "flag_undecodable": np.isin(np.arange(len(paths)), list(store.bad))})
+        "flag_undecodable": np.isin(np.arange(len(m)), list(bad))})

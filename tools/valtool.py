@@ -31,7 +31,7 @@ from tools.findings import SHIFT_TOLERANCE, corruption_tests, describe, failure_
 from tools.metrics import bootstrap_weights, percentile_ci
 from tools.stats import exceed_p
 from tools.html_report import write_report
-from tools.image_stats import image_quality
+from tools.image_stats import PROPERTIES, measure_images, quality_table
 from tools.inference import clean_pass, corrupted_logits
 from tools.metrics import sigmoid
 from tools.model_files import ModelRequest
@@ -344,7 +344,8 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
                               "p_value": exceed_p(boot, SHIFT_TOLERANCE)})
         shifts.append(row)
     shifts = pd.DataFrame(shifts)
-    quality = image_quality(paths, data.store, image_size)
+    measured = measure_images(paths, data.store)  # the quality table's and drift's image properties, read once
+    quality = quality_table(measured, data.store.bad, image_size)
     write_csv(run.stage("predictions").outdir / "predictions_images.csv",
               predictions_frame(df, labels, clean["logits"], probs, extra))
     write_csv(run.stage("quality").outdir / "image_quality.csv", quality)
@@ -358,8 +359,8 @@ def run_unlabelled(run: Run, opts: ValtoolOptions, subject: Subject) -> dict:
             flagged.append(_fact("quality", f"{count} image(s) {col.removeprefix('flag_').replace('_', ' ')}", count))
     found = {"summary": None, "tests": []}
     if reference is not None:
-        found = write_drift(run.stage("drift"), reference, ref_data, ref_out, data, clean, labels, opts.bootstrap,
-                            opts.drift_permutations)
+        found = write_drift(run.stage("drift"), reference, ref_data, ref_out, data, clean,
+                            measured[["image_path", *PROPERTIES]], labels, opts.bootstrap, opts.drift_permutations)
     elif "drift" in not_run:
         log.warning("drift: %s", not_run["drift"])
     listed = failure_list(tests + found["tests"])

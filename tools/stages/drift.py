@@ -109,11 +109,12 @@ def check_new_films(n: int, where: str) -> None:
 
 # ====== the analyses and their files ======
 
-def write_drift(run: Run, reference: Reference, ref: SplitData, ref_out: dict, new: SplitData, new_out: dict, labels,
-                bootstrap: int = 1000, permutations: int = 200) -> dict:
+def write_drift(run: Run, reference: Reference, ref: SplitData, ref_out: dict, new: SplitData, new_out: dict,
+                new_properties: pd.DataFrame, labels, bootstrap: int = 1000, permutations: int = 200) -> dict:
     """Every analysis of ``tools.drift`` on the reference ``ref`` and the new films ``new`` (each
-    with its clean pass's ``logits`` and ``features``); writes the stage's files and returns
-    ``{"summary": drift_summary.json's content, "tests": the tests for the failure family}``."""
+    with its clean pass's ``logits`` and ``features``; ``new_properties``: the new films'
+    ``tools.image_stats.image_properties``, measured once by the caller); writes the stage's files
+    and returns ``{"summary": drift_summary.json's content, "tests": the tests for the failure family}``."""
     if not distributed.is_main():
         return {"summary": None, "tests": []}
     seed = run.seed
@@ -126,13 +127,13 @@ def write_drift(run: Run, reference: Reference, ref: SplitData, ref_out: dict, n
                else f"no drift detected at this sample size ({sizes})")
 
     # ====== image properties ======
-    props_ref, props_new = image_properties(ref.paths, ref.store), image_properties(new.paths, new.store)
-    props_ref = props_ref.iloc[tested].reset_index(drop=True)
-    properties = dr.property_drift(props_ref, props_new, seed=seed)
+    tested_ref = ref.subset(tested)  # the films the tests compare: one per reference patient
+    props_ref = image_properties(tested_ref.paths, tested_ref.store)
+    properties = dr.property_drift(props_ref, new_properties, seed=seed)
     q = bh_qvalues(properties["p_value"].astype(float).to_numpy())
     properties["q_value"] = np.where(np.isnan(q), None, q)
     write_csv(run.outdir / "property_drift.csv", properties)
-    figures.property_drift_figure(props_ref, props_new, properties, run.outdir / "property_drift.png")
+    figures.property_drift_figure(props_ref, new_properties, properties, run.outdir / "property_drift.png")
 
     # ====== predictions ======
     p_ref, p_new = sigmoid(ref_out["logits"]), sigmoid(new_out["logits"])
