@@ -16,6 +16,7 @@ from tools.corruptions import (
     FAMILIES,
     MARKER_TEXTS,
     PARAM_NAMES,
+    PARAM_TEXTS,
     SEVERITIES,
     apply_corruption,
     corruption_names,
@@ -52,7 +53,7 @@ def test_table_is_the_spec():
         "markers": [0.05, 0.08, 0.12],
     }
     assert list(SEVERITIES) == [*FAMILIES["default"], *FAMILIES["acquisition"]]
-    assert set(PARAM_NAMES) == set(SEVERITIES) == set(CORRUPTIONS)
+    assert set(PARAM_NAMES) == set(SEVERITIES) == set(CORRUPTIONS) == set(PARAM_TEXTS)
     assert PARAM_NAMES["gaussian_noise"] == "variance" and PARAM_NAMES["gaussian_blur"] == "kernel"
     assert PARAM_NAMES["jpeg"] == "quality"
 

@@ -85,6 +85,20 @@ PARAM_NAMES: dict[str, str] = {
     "markers": "text height",
 }
 
+# Each parameter in words (``param_label``): {p} is the table's value, {marks} the count of marks.
+PARAM_TEXTS: dict[str, str] = {
+    "gaussian_noise": "variance {p}",
+    "gaussian_blur": "kernel {p}x{p}",
+    "jpeg": "quality {p}",
+    "brightness_contrast": "limit \u00b1{p:.2f}",
+    "inversion": "{p:.0%} of films inverted",
+    "window": "width x{p:.2f}",
+    "bit_depth": "{p} bits",
+    "rotation": "\u00b1{p}\u00b0",
+    "collimation": "{p:.0%} cropped per border",
+    "markers": "{marks}, {p:.0%} high",
+}
+
 FAMILIES: dict[str, tuple] = {
     "default": ("gaussian_noise", "gaussian_blur", "jpeg", "brightness_contrast"),
     "acquisition": ("inversion", "window", "bit_depth", "rotation", "collimation", "markers"),
@@ -351,21 +365,5 @@ def param_label(name: str, severity: int) -> str:
     "25% of films inverted", "width x0.40", "4 bits", "±10°", "10% cropped per border",
     "2 marks, 8% high"."""
     param = corruption_param(name, severity)
-    if name == "gaussian_blur":
-        return f"kernel {param}x{param}"
-    if name == "brightness_contrast":
-        return f"limit \u00b1{param:.2f}"
-    if name == "inversion":
-        return f"{param:.0%} of films inverted"
-    if name == "window":
-        return f"width x{param:.2f}"
-    if name == "bit_depth":
-        return f"{param} bits"
-    if name == "rotation":
-        return f"\u00b1{param}\u00b0"
-    if name == "collimation":
-        return f"{param:.0%} cropped per border"
-    if name == "markers":
-        count = len(MARKER_TEXTS[int(severity) - 1])
-        return f"{count} mark{'s' if count > 1 else ''}, {param:.0%} high"
-    return f"{PARAM_NAMES[name]} {param}"
+    count = len(MARKER_TEXTS[int(severity) - 1])
+    return PARAM_TEXTS[name].format(p=param, marks=f"{count} mark{'s' if count > 1 else ''}")
