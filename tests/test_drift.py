@@ -436,3 +436,13 @@ def test_a_csv_without_labels_and_no_reference_is_analysed_and_the_report_says_w
     report = (out / "report.html").read_text()
     assert report.index("Is this site like the reference?") < report.index("Failures found")
     assert "Not assessed: drift and the label-free performance estimate need a labelled reference" in report
+
+
+def test_a_property_drift_entry_states_its_distance_with_the_interval():
+    from tools.findings import describe
+
+    entry = {"kind": "property_drift", "property": "sharpness", "statistic": "ks", "value": 0.41234,
+             "ci95": [0.3, 0.55], "p_value": 0.0001, "q_value": 0.0004, "reference": "428", "new": "500"}
+    assert describe(entry) == ("image property sharpness: 428 at the reference, 500 at the new site "
+                               "(ks distance 0.412 [0.300, 0.550]; p = <0.001, q = <0.001)")
+    assert "distance 0.412; p" in describe({**entry, "ci95": None})  # none measured: none shown

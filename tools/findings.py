@@ -152,7 +152,7 @@ def describe(test: dict) -> str:
                 "Holm over the two tests)")
     if test["kind"] == "property_drift":
         return (f"image property {test['property']}: {test['reference']} at the reference, {test['new']} at the new site "
-                f"({test['statistic']} distance {test['value']:.3f}; {stat})")
+                f"({test['statistic']} distance {test['value']:.3f}{shown}; {stat})")
     if test["kind"] == "prediction_drift":
         return (f"{test['label']} mean predicted probability {test['reference']:.3f} at the reference, {test['new']:.3f} "
                 f"at the new site ({test['value']:+.3f}{_ci(ci)}; {stat})")
