@@ -1001,6 +1001,43 @@ def _write_film(job) -> str | None:
     return None
 
 
+def _check_counts(n, size, workers) -> None:
+    """--n, --size and --workers of a demo set or a new site: each at least what a film needs."""
+    if int(n) < 1:
+        raise UserError(f"--n {n}: need at least 1 image")
+    if int(size) < 32:
+        raise UserError(f"--size {size}: need at least 32 pixels")
+    if int(workers) < 1:
+        raise UserError(f"--workers {workers}: need at least 1 process")
+
+
+def _images_folder(out_dir) -> Path:
+    """``out_dir`` as a Path, with its ``images/`` folder made; UserError when it cannot be."""
+    out_dir = Path(out_dir)
+    try:
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out_dir}: cannot create the folder ({err.strerror}); "
+                        "pick a writable path") from err
+    return out_dir
+
+
+def _write_films(write, jobs: list, workers: int, out_dir: Path) -> None:
+    """``write(job)`` for every job, in ``workers`` processes when more than one; each returns the
+    ``image_path`` it could not write, or None. UserError naming the first failure."""
+    if workers > 1:
+        # spawn, not fork: a forked child inherits the parent's thread pools (OpenMP, OpenCV) broken
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            chunk = max(1, len(jobs) // (8 * workers))
+            failed = [p for p in pool.map(write, jobs, chunksize=chunk) if p]
+    else:
+        failed = [p for p in map(write, jobs) if p]
+    if failed:
+        raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); "
+                        "check free space and permissions")
+
+
 def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, workers: int = 1,
                       image_format: str = "png") -> Path:
     """Write ``out_dir/images/*`` (PNG, or DICOM forms with ``image_format`` dicom or mixed),
@@ -1010,40 +1047,20 @@ def make_demo_dataset(out_dir, n: int = 1000, seed: int = 0, size: int = 256, wo
     byte-identical files, whatever ``workers`` is."""
     from tools.files import write_csv
 
-    if int(n) < 1:
-        raise UserError(f"--n {n}: need at least 1 image")
-    if int(size) < 32:
-        raise UserError(f"--size {size}: need at least 32 pixels")
-    if int(workers) < 1:
-        raise UserError(f"--workers {workers}: need at least 1 process")
+    _check_counts(n, size, workers)
     if image_format not in FORMATS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(FORMATS)}")
     if image_format != "png" and round(int(size) * PARAMS["hidden_device"]["size_ratio"]) < J2K_MIN_SIDE:
         raise UserError(f"--size {size} with --format {image_format}: the JPEG 2000 films need {J2K_MIN_SIDE} px "
                         f"and the hidden device writes {PARAMS['hidden_device']['size_ratio']:.3g} of --size; "
                         "pass --size 37 or more")
-    out_dir = Path(out_dir)
-    try:
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot create the folder ({err.strerror}); "
-                        "pick a writable path") from err
+    out_dir = _images_folder(out_dir)
     cases = sample_cases(int(n), int(seed))
     forms = film_formats(len(cases), int(seed), image_format)
     cases["image_path"] = [film_path(p, form) for p, form in zip(cases["image_path"], forms)]
     jobs = [(str(out_dir), row, rng, int(size), form, int(seed))
             for row, rng, form in zip(cases.to_dict("records"), image_generators(len(cases), int(seed)), forms)]
-    if int(workers) > 1:
-        # spawn, not fork: a forked child inherits the parent's thread pools (OpenMP, OpenCV) broken
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(int(workers), mp_context=context) as pool:
-            chunk = max(1, len(jobs) // (8 * int(workers)))
-            failed = [p for p in pool.map(_write_film, jobs, chunksize=chunk) if p]
-    else:
-        failed = [p for p in map(_write_film, jobs) if p]
-    if failed:
-        raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); "
-                        "check free space and permissions")
+    _write_films(_write_film, jobs, int(workers), out_dir)
     truth = truth_table(cases)
     if image_format != "png":
         truth["image_format"] = forms
@@ -1150,26 +1167,14 @@ def make_site(out_dir, kind: str, n: int = 300, seed: int = 0, size: int = 256, 
 
     if kind not in SHIFTS:
         raise UserError(f"--site-shift {kind}: choose one of {', '.join(SHIFTS)}")
-    if int(n) < 1 or int(size) < 32 or int(workers) < 1:
-        raise UserError(f"--n {n} --size {size} --workers {workers}: need at least 1 image, 32 pixels and 1 process")
-    out_dir = Path(out_dir)
-    try:
-        (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--out {out_dir}: cannot create the folder ({err.strerror}); pick a writable path") from err
+    _check_counts(n, size, workers)
+    out_dir = _images_folder(out_dir)
     cases = site_cases(int(n), int(seed))
     cases["image_path"] = [f"images/n{row:05d}.png" for row in range(len(cases))]
     cases["planted"] = planted_rows(kind, len(cases), np.random.default_rng([int(seed), 7]))
     generators = image_generators(int(cases["row"].max()) + 1, int(seed))
     jobs = [(str(out_dir), row, generators[row["row"]], int(size), kind) for row in cases.to_dict("records")]
-    if int(workers) > 1:
-        context = multiprocessing.get_context("spawn")  # as make_demo_dataset: forked thread pools break
-        with ProcessPoolExecutor(int(workers), mp_context=context) as pool:
-            failed = [p for p in pool.map(_write_site_film, jobs, chunksize=max(1, len(jobs) // (8 * int(workers)))) if p]
-    else:
-        failed = [p for p in map(_write_site_film, jobs) if p]
-    if failed:
-        raise UserError(f"--out {out_dir}: cannot write {failed[0]} ({len(failed)} failed); check free space and permissions")
+    _write_films(_write_site_film, jobs, int(workers), out_dir)
     write_csv(out_dir / SITE_TRUTH_FILE, cases[SITE_TRUTH_COLUMNS])
     return out_dir / "images"
 
