@@ -351,11 +351,13 @@ def test_valtool_on_a_new_site_writes_the_drift_contract_and_ranks_planted_films
     assert found["n_reference"] == patients < 100  # the tests compare one reference film per patient
     assert found["reference"]["split"] is None and found["reference"]["origin"] == "--reference"
     props = pd.read_csv(out / "drift" / "property_drift.csv")
-    assert list(props.columns[:6]) == ["property", "kind", "statistic", "distance", "p_value", "reference_mean"]
+    # SPEC's columns lead, in its order
+    assert list(props.columns[:6]) == ["property", "statistic", "distance", "p_value", "reference_mean", "new_mean"]
+    assert {"kind", "distance_ci_low", "distance_ci_high", "q_value"} <= set(props.columns)
     assert {"brightness", "contrast", "sharpness", "original_height", "bit_depth", "file_format"} <= set(props["property"])
     preds = pd.read_csv(out / "drift" / "prediction_drift.csv")
-    assert {"label", "reference_mean_prob", "new_mean_prob", "ci_low", "ci_high", "reference_positive_rate",
-            "new_positive_rate"} <= set(preds.columns) and list(preds["label"]) == LABELS
+    assert list(preds.columns[:7]) == ["label", "reference_mean_prob", "new_mean_prob", "ci_low", "ci_high",
+                                       "reference_positive_rate", "new_positive_rate"] and list(preds["label"]) == LABELS
     estimates = json.loads((out / "drift" / "estimated_performance.json").read_text())
     for label in LABELS:
         block = estimates["per_label"][label]

@@ -100,6 +100,12 @@ DRIFT_COMPONENTS = 10        # whitened principal components the drift tests run
 CV_FOLDS = 5                 # folds of the domain classifier
 CATEGORICAL_MAX_VALUES = 10  # a numeric property with this many distinct values or fewer is categorical
 PROPERTY_RESAMPLES = 200     # resamples of the interval of each property's distance
+# The two tables' columns: SPEC's contract first, in its order, then what else each row says.
+PROPERTY_COLUMNS = ["property", "statistic", "distance", "p_value", "reference_mean", "new_mean", "kind",
+                    "reference_mode", "new_mode", "n_reference", "n_new", "distance_ci_low", "distance_ci_high"]
+PREDICTION_COLUMNS = ["label", "reference_mean_prob", "new_mean_prob", "ci_low", "ci_high", "reference_positive_rate",
+                      "new_positive_rate", "difference", "p_value", "positive_rate_difference", "positive_rate_ci_low",
+                      "positive_rate_ci_high"]
 OOD_FOLDS = 10               # cross-fitting folds for the reference's own distances
 OOD_QUANTILE = 0.99          # a new film farther than this quantile of the reference's distances is flagged
 MIN_IMAGES = 10              # fewer films on either side: no test is run
@@ -266,10 +272,9 @@ def feature_drift(reference_features, reference_clusters, new_features, n_permut
 
 def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PROPERTY_RESAMPLES,
                    seed: int = 0) -> pd.DataFrame:
-    """One row per property both tables have (module docstring): ``property, kind, statistic,
-    distance, p_value, reference_mean, new_mean, reference_mode, new_mode, n_reference, n_new,
-    distance_ci_low, distance_ci_high``; the distance's 95% interval is the percentile interval over
-    ``n_boot`` resamples of each table's rows (none when ``n_boot`` is 0)."""
+    """One row per property both tables have (module docstring), columns ``PROPERTY_COLUMNS``; the
+    distance's 95% interval is the percentile interval over ``n_boot`` resamples of each table's
+    rows (none when ``n_boot`` is 0)."""
     rng = np.random.default_rng([seed, 11])
     rows = []
     for col in [c for c in reference.columns if c != "image_path" and c in new.columns]:
@@ -295,9 +300,7 @@ def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PRO
             draws = [distance(*(v[rng.integers(0, len(v), len(v))] for v in samples)) for _ in range(n_boot)]
             row["distance_ci_low"], row["distance_ci_high"] = percentile_ci(np.asarray(draws))
         rows.append(row)
-    return pd.DataFrame(rows, columns=["property", "kind", "statistic", "distance", "p_value", "reference_mean",
-                                       "new_mean", "reference_mode", "new_mode", "n_reference", "n_new",
-                                       "distance_ci_low", "distance_ci_high"])
+    return pd.DataFrame(rows, columns=PROPERTY_COLUMNS)
 
 
 def ks_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -343,10 +346,7 @@ def _categorical(a: pd.Series, b: pd.Series) -> dict:
 
 def prediction_drift(p_reference, p_new, labels, reference_clusters, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per label: mean probability and share at or above 0.5 on each side, the new minus the
-    reference with a 95% interval and p-value (module docstring). Columns: ``label,
-    reference_mean_prob, new_mean_prob, difference, ci_low, ci_high, p_value,
-    reference_positive_rate, new_positive_rate, positive_rate_difference, positive_rate_ci_low,
-    positive_rate_ci_high``."""
+    reference with a 95% interval and p-value (module docstring). Columns: ``PREDICTION_COLUMNS``."""
     p_reference, p_new = np.asarray(p_reference, float), np.asarray(p_new, float)
     values_ref = np.hstack([p_reference, p_reference >= 0.5])
     values_new = np.hstack([p_new, p_new >= 0.5])
@@ -370,7 +370,7 @@ def prediction_drift(p_reference, p_new, labels, reference_clusters, n_boot: int
                      "positive_rate_difference": float(point[n_labels + j]),
                      "positive_rate_ci_low": rate_ci[0] if rate_ci else None,
                      "positive_rate_ci_high": rate_ci[1] if rate_ci else None})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=PREDICTION_COLUMNS)
 
 
 # ====== performance without labels (CBPE) ======
