@@ -56,11 +56,18 @@ def test_auroc_score_interval_solves_its_equation_and_covers():
     assert covered / 300 >= 0.92
 
 
+def test_a_specificity_interval_counts_the_negatives_and_a_sensitivity_the_positives():
+    for metric, k, n in (("spec@0.5", 180, 200), ("sens@0.5", 9, 10), ("sens@95spec", 9, 10)):
+        expected = binomtest(k, n).proportion_ci(method="wilson")
+        lo, hi = score_interval(metric, k / n, 10, 200)
+        assert lo == pytest.approx(expected.low, abs=1e-12) and hi == pytest.approx(expected.high, abs=1e-12)
+
+
 def test_mover_p_is_below_005_exactly_when_the_95_interval_excludes_0():
     rng = np.random.default_rng(2)
     t1, t2 = rng.uniform(0.6, 1.0, 200), rng.uniform(0.6, 1.0, 200)
     pos1, neg1, pos2, neg2 = (rng.integers(10, 80, 200) for _ in range(4))
-    for metric in ("auroc", "sens@95spec"):
+    for metric in ("auroc", "sens@95spec", "sens@0.5", "spec@0.5"):
         p = mover_p(metric, t1, pos1, neg1, t2, pos2, neg2)
         lo1, hi1 = score_interval(metric, t1, pos1, neg1)
         lo2, hi2 = score_interval(metric, t2, pos2, neg2)
@@ -135,6 +142,30 @@ def test_a_planted_slice_failure_is_a_finding_and_a_two_valued_column_is_one_com
     q = false_discovery_control([t["p_value"] for t in tests])
     assert [t["q_value"] for t in tests] == pytest.approx(list(q))
     assert all(t["finding"] == (t["q_value"] < 0.05) for t in tests)
+
+
+def test_false_positives_in_a_group_are_a_specificity_finding_that_auroc_and_f1_miss():
+    """The AP mechanism of the demo: in one view every Cardiomegaly score is pushed up (a bigger
+    apparent heart), so the ranking within the view is kept but its negatives are called positive
+    more often. The specificity gap at 0.5 is a finding; the AUROC gap is not."""
+    df, y, p, clusters = synthetic(8, n_patients=700)
+    rng = np.random.default_rng(8)
+    df["view"] = np.where(rng.random(700) < 0.35, "AP", "PA")[clusters.astype(int)]
+    ap = df["view"].to_numpy() == "AP"
+    logit = np.log(p[:, 0] / (1 - p[:, 0]))
+    p[ap, 0] = 1 / (1 + np.exp(-(logit[ap] + 1.5)))
+    listed, tests, results = family(df, y, p, clusters, ["view", "site"], n_boot=300)
+    found = {(t["group"], t["label"], t["metric"]) for t in listed["entries"] if t["finding"]}
+    assert ("AP", "Cardiomegaly", "spec@0.5") in found
+    assert not any(g == "AP" and m in ("auroc", "sens@0.5") for g, _, m in found)
+    gap = results["view"]["groups"]["AP"]["gap_to_rest"]["per_class"]["Cardiomegaly"]
+    assert gap["spec@0.5"] < -0.2 < 0.05 < gap["sens@0.5"]
+    lo, hi = gap["ci95"]["spec@0.5"]
+    assert lo < gap["spec@0.5"] < hi < 0
+    # the same numbers from the confusion matrix of each side
+    yy, pp = y[:, 0], p[:, 0]
+    spec = lambda m: np.mean(pp[m & (yy == 0)] < 0.5)  # noqa: E731
+    assert gap["spec@0.5"] == pytest.approx(spec(ap) - spec(~ap), abs=1e-12)
 
 
 def test_a_column_that_counts_the_positive_labels_is_defined_by_the_labels():

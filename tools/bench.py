@@ -730,25 +730,26 @@ class ScaleAnalyses:
         return {"signals": summaries, "comparisons": selective_intervals(summaries, boot)}
 
 
-def _sklearn_four(y, p, w) -> list[float]:
-    """AUROC, AUPRC, F1@0.5 and sens@95spec of one label with scikit-learn, rows weighted by
-    ``w`` (rows of weight 0 left out, NaN labels masked)."""
-    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score, roc_curve
+def sklearn_reference(y, p, w) -> list[float]:
+    """AUROC, AUPRC, F1@0.5, sens@95spec, sens@0.5 and spec@0.5 of one label with scikit-learn,
+    rows weighted by ``w`` (rows of weight 0 left out, NaN labels masked)."""
+    from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score, roc_curve
 
     keep = ~np.isnan(y) & (w > 0)
     y, p, w = y[keep], p[keep], w[keep]
     f1 = float(f1_score(y, p >= 0.5, sample_weight=w, zero_division=np.nan)) if len(y) else float("nan")
     if len(np.unique(y)) < 2:
-        return [np.nan, np.nan, f1, np.nan]
+        return [np.nan, np.nan, f1, np.nan, np.nan, np.nan]
     fpr, tpr, _ = roc_curve(y, p, sample_weight=w, drop_intermediate=False)
     return [roc_auc_score(y, p, sample_weight=w), average_precision_score(y, p, sample_weight=w), f1,
-            float(tpr[fpr <= 0.05 + 1e-12].max())]
+            float(tpr[fpr <= 0.05 + 1e-12].max()), recall_score(y, p >= 0.5, sample_weight=w),
+            recall_score(1 - y, p < 0.5, sample_weight=w)]
 
 
 class ReferenceLoop:
     """The same numbers as :class:`ScaleAnalyses`, one resample at a time: scikit-learn with row
-    weights for AUROC, AUPRC, F1 and sensitivity (every label, the micro average, every group and
-    every rest), the suite's unweighted ECE, NLL, Brier, temperature fit and risk-coverage summary
+    weights for AUROC, AUPRC, F1, the sensitivities and the specificity (every label, the micro
+    average, every group and every rest), the suite's unweighted ECE, NLL, Brier, temperature fit and risk-coverage summary
     on the resample's rows repeated by their multiplicity. Each method returns, per resample, the
     values that the suite's resamples can be checked against."""
 
@@ -756,10 +757,10 @@ class ReferenceLoop:
         self.test, self.calib, self.weights, self.calib_weights = test, calib, weights, calib_weights
 
     def _metrics(self, y, p, w, micro=True) -> list[float]:
-        out = [v for j in range(y.shape[1]) for v in _sklearn_four(y[:, j], p[:, j], w)]
+        out = [v for j in range(y.shape[1]) for v in sklearn_reference(y[:, j], p[:, j], w)]
         if micro:
             rows, cols = np.nonzero(~np.isnan(y))
-            out += _sklearn_four(y[rows, cols], p[rows, cols], w[rows])
+            out += sklearn_reference(y[rows, cols], p[rows, cols], w[rows])
         return out
 
     def eval(self) -> list:

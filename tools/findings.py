@@ -29,7 +29,7 @@ from tools.discover import MIN_PROBE_AUROC
 from tools.stats import bh_qvalues
 
 ALPHA = 0.05
-FLAG_METRICS = ("auroc", "sens@95spec", "f1@0.5")
+FLAG_METRICS = ("auroc", "sens@95spec", "f1@0.5", "sens@0.5", "spec@0.5")
 MIN_DROP = 0.02       # an AUROC drop under a corruption smaller than this is not a failure
 ECE_TOLERANCE = 0.05  # an ECE above this is a calibration failure
 SHIFT_TOLERANCE = 0.05  # unlabelled: a mean |probability shift| under a corruption above this

@@ -23,8 +23,9 @@ from tools.corruptions import FAMILIES, PARAM_NAMES, param_label
 from tools.errors import UserError
 from tools.files import NOTICE, write_text
 
-METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
-METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1@0.5": "F1@0.5", "sens@95spec": "sens@95spec"}
+METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec", "sens@0.5", "spec@0.5")
+METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1@0.5": "F1@0.5", "sens@95spec": "sens@95spec",
+                "sens@0.5": "sens@0.5", "spec@0.5": "spec@0.5"}
 DIGITS = 3
 FINDING_KEY = re.compile(r"problem|warning|error|issue|message", re.IGNORECASE)
 
@@ -309,8 +310,9 @@ def headline_section(summary: dict) -> Html:
         classes.append("macro")
     header = ["label", "n / positives", *[f"{METRIC_NAMES[k]} [95% CI]" for k in METRICS]]
     text = ("Point estimate and 95% bootstrap confidence interval, resampling patients (images when "
-            "there is no patient_id). F1@0.5 thresholds the probability at 0.5; sens@95spec is the "
-            "best sensitivity at specificity at least 0.95. "
+            "there is no patient_id). F1@0.5, sens@0.5 and spec@0.5 threshold the probability at 0.5 "
+            "(sens@0.5: share of positives called positive; spec@0.5: share of negatives called "
+            "negative); sens@95spec is the best sensitivity at specificity at least 0.95. "
             "Macro is the mean over labels where the metric is defined.")
     return section("Headline metrics", [note(text), Html(table(header, rows, classes))], "headline")
 

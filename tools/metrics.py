@@ -7,10 +7,13 @@ Binary metrics per label, computed on the rows whose label is known (NaN = unkno
 - ``auprc``: average precision, sum over thresholds of (R_k - R_{k-1}) * P_k, no interpolation;
   equals ``sklearn.metrics.average_precision_score``.
 - ``f1@0.5``: F1 of the decision ``p >= 0.5``; undefined when there is no positive and none predicted.
+- ``sens@0.5`` and ``spec@0.5``: sensitivity (share of positives with ``p >= 0.5``) and specificity
+  (share of negatives with ``p < 0.5``) of the same decision: the error rates at the operating
+  point, which F1 mixes (a group with more false positives and fewer misses can keep its F1).
 - ``sens@95spec``: the largest sensitivity over ROC operating points with specificity >= 0.95
   (all points, as ``sklearn.metrics.roc_curve(drop_intermediate=False)``).
 
-AUROC, AUPRC and sensitivity are undefined (NaN, written as JSON null) for a label with one class
+AUROC, AUPRC and the sensitivities are undefined (NaN, written as JSON null) for a label with one class
 only. Macro = mean over labels whose metric is defined; micro = all known (image, label) pairs pooled.
 
 Everything accepts resample weights. A patient bootstrap resample is held as the number of times
@@ -35,7 +38,7 @@ from threadpoolctl import threadpool_limits
 from tools.runtime import available_cores
 from tools.stats import MIN_BOOT, SCORE_METRICS, bootstrap_p, hull, score_interval
 
-METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")
+METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec", "sens@0.5", "spec@0.5")
 # 0.01, 0.02, ..., 0.99: integer / 100 is the correctly rounded double, so 0.5 is exactly 0.5.
 THRESHOLDS = np.arange(1, 100) / 100.0
 REFERENCE_THRESHOLD = 0.5
@@ -210,7 +213,7 @@ def run_numbers(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Ranking:
-    """Binary outcomes of items ranked by score, high to low, reduced to what the four metrics need
+    """Binary outcomes of items ranked by score, high to low, reduced to what the metrics need
     under any weights. Built from items already sorted (``ys`` bool, ``ps`` descending, ``rows``:
     the row of each item, whose weight it takes); ``per_row``: the most items one row holds.
 
@@ -325,13 +328,16 @@ class _Ranking:
             sens = sens_tp / n_pos
             denom = 2 * tp5 + fp5 + (n_pos - tp5)
             f1 = np.where(denom > 0, 2 * tp5 / np.where(denom > 0, denom, 1), np.nan)
+            sens5 = np.where(n_pos > 0, tp5 / n_pos, np.nan)
+            spec5 = np.where(n_neg > 0, 1 - fp5 / n_neg, np.nan)
         defined = (n_pos > 0) & (n_neg > 0)
         return {"auroc": np.where(defined, auroc, np.nan), "auprc": np.where(defined, auprc, np.nan),
-                "f1@0.5": f1, "sens@95spec": np.where(defined, sens, np.nan)}
+                "f1@0.5": f1, "sens@95spec": np.where(defined, sens, np.nan),
+                "sens@0.5": np.where(defined, sens5, np.nan), "spec@0.5": np.where(defined, spec5, np.nan)}
 
 
 def binary_metrics_weighted(y: np.ndarray, p: np.ndarray, w) -> dict[str, np.ndarray]:
-    """All four metrics of one label for each resample in ``w``: row weights (B, n) or (n,), or
+    """Every metric of one label for each resample in ``w``: row weights (B, n) or (n,), or
     :class:`Resamples` of the n rows.
 
     ``y`` in {0, 1} and ``p`` finite, both (n,), rows with unknown labels already removed.
@@ -383,7 +389,7 @@ def accumulate_rows(x: np.ndarray, ufunc=np.add, block: int = 16) -> np.ndarray:
 
 
 def binary_metrics(y, p) -> dict[str, float]:
-    """The four metrics of one label, unweighted, unknown (NaN) labels masked."""
+    """Every metric of one label, unweighted, unknown (NaN) labels masked."""
     y, p = np.asarray(y, float), np.asarray(p, float)
     known = ~np.isnan(y)
     res = binary_metrics_weighted(y[known], p[known], Resamples.single(int(known.sum())))

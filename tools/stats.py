@@ -17,7 +17,8 @@ over the family of m tests (Benjamini and Hochberg 1995).
 Score intervals, which stay intervals where a percentile bootstrap collapses to a point (an
 AUROC of exactly 1.0 resamples to 1.0 every time):
 
-- a proportion k / n (sensitivity among n positives): Wilson's score interval;
+- a proportion k / n (a sensitivity among n positives, a specificity among n negatives): Wilson's
+  score interval;
 - an AUROC from n_pos positives and n_neg negatives: the score-type interval that solves
   ``(theta_hat - theta)^2 = z^2 V(theta)`` with the Hanley-McNeil variance
   ``V = theta (1 - theta) / (n_pos n_neg) * (1 + (N - 1) ((1 - theta) / (2 - theta) + theta /
@@ -40,7 +41,7 @@ from scipy.stats import norm
 
 Z95 = float(norm.ppf(0.975))
 MIN_BOOT = 10  # fewer finite resamples than this give no interval and no p-value
-SCORE_METRICS = ("auroc", "sens@95spec")  # the metrics with a score interval
+SCORE_METRICS = ("auroc", "sens@95spec", "sens@0.5", "spec@0.5")  # the metrics with a score interval
 _BISECT = 42  # halvings of a bracket of width <= 1: below 1e-12
 
 
@@ -127,12 +128,13 @@ def auroc_score_interval(theta, n_pos, n_neg, z=Z95) -> tuple[np.ndarray, np.nda
 
 
 def score_interval(metric: str, value, n_pos, n_neg, z=Z95) -> tuple[np.ndarray, np.ndarray]:
-    """The score interval of ``metric`` (AUROC or sensitivity; NaN for other metrics)."""
+    """The score interval of ``metric`` (AUROC, a sensitivity or a specificity; NaN for other
+    metrics)."""
     if metric == "auroc":
         return auroc_score_interval(value, n_pos, n_neg, z)
-    if metric == "sens@95spec":
-        n_pos = np.asarray(n_pos, float)
-        return wilson(np.round(np.asarray(value, float) * n_pos), n_pos, z)
+    if metric in ("sens@95spec", "sens@0.5", "spec@0.5"):
+        n = np.asarray(n_neg if metric == "spec@0.5" else n_pos, float)
+        return wilson(np.round(np.asarray(value, float) * n), n, z)
     nan = np.full(np.broadcast(np.asarray(value), np.asarray(z)).shape, np.nan)
     return nan, nan.copy()
 
