@@ -177,14 +177,14 @@ PARAMS = {
     "effusion_bilateral": (0.30, 0.30),     # P(bilateral): base, + if heart failure
     "effusion_size_beta": (1.2, 2.2),       # size in (0, 1): 0 = blunted angle, 1 = a third of the lung
     "edema_severity": (0.6, 1.0),           # uniform range
-    "edema_haze": 0.02,                     # perihilar haze peak at severity 1 (subtle on purpose)
+    "edema_haze": 0.015,                    # perihilar haze peak at severity 1 (subtle on purpose)
     "perihilar_density": (0.0, 0.05),       # every film: normal variation of the same shape as the haze
     "lateral_basal_density": (0.0, 0.04),   # every film: chest-wall soft tissue over the lateral bases,
                                             # where smoothed-out Kerley lines would leave their mean
     "kerley_b_per_side": 8,                 # at severity 1 (fewer if the base is short)
     "kerley_b_spacing": (0.032, 0.05),      # vertical gap between neighbouring lines, image widths
     "kerley_a_per_side": (2, 3),
-    "kerley_amplitude": (0.16, 0.24),
+    "kerley_amplitude": (0.24, 0.34),
     "kerley_b_length": (0.03, 0.055),       # image widths (4-7 px at 128)
     "kerley_width": 1.0 / 128,              # line thickness, image widths (2 px at 256)
     # ---- bones and soft tissue ----
