@@ -10,6 +10,9 @@ OUT := outputs/demo
 # Demo model: 128 px, trained from scratch on the CPU (no ImageNet weights offline), hence lr 1e-3.
 DEMO_FLAGS := --csv $(DEMO)/demo.csv --img-root $(DEMO)
 EPOCHS ?= 5
+# auto: bf16 where the CPU or GPU has it natively, else fp32; PRECISION=bf16 gives a bf16 CPU's
+# arithmetic on any CPU (slowly where it is emulated), PRECISION=fp32 the other way round.
+PRECISION ?= auto
 NPROC := $(shell nproc 2>/dev/null || echo 1)
 # Test processes (pytest-xdist): one per core, at most 4; each builds its own small fixtures.
 TEST_WORKERS ?= $(shell n=$(NPROC); [ $$n -gt 4 ] && n=4; echo $$n)
@@ -31,13 +34,13 @@ $(STAMP): requirements.txt
 demo: install
 	$(PY) -m tools.make_demo_data --out $(DEMO) --n 1000 --seed 0 --workers $(NPROC) --format mixed
 	$(PY) -m tools.check_data $(DEMO_FLAGS)
-	$(PY) main.py train $(DEMO_FLAGS) --image-size 128 --epochs $(EPOCHS) --lr 1e-3 --pretrained none --outdir $(OUT)/train
-	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site num_findings_bin --outdir $(OUT)/valtool
+	$(PY) main.py train $(DEMO_FLAGS) --image-size 128 --epochs $(EPOCHS) --lr 1e-3 --pretrained none --precision $(PRECISION) --outdir $(OUT)/train
+	$(PY) main.py valtool $(DEMO_FLAGS) --weights $(OUT)/train/best.pt --group-col view site num_findings_bin --precision $(PRECISION) --outdir $(OUT)/valtool
 	@echo "report: $(CURDIR)/$(OUT)/valtool/report.html"
 	# A new site without labels (another detector) against the demo's validation split: one corruption, no TTA, to stay short.
 	$(PY) -m tools.make_demo_data --out $(SITE) --n 150 --seed 1 --site-shift device --workers $(NPROC)
 	$(PY) main.py valtool --image-dir $(SITE)/images --weights $(OUT)/train/best.pt --reference $(DEMO)/demo.csv \
-	--img-root $(DEMO) --corruptions gaussian_blur --tta-samples 0 --outdir $(OUT)/new_site
+	--img-root $(DEMO) --corruptions gaussian_blur --tta-samples 0 --precision $(PRECISION) --outdir $(OUT)/new_site
 	@echo "new-site report: $(CURDIR)/$(OUT)/new_site/report.html"
 
 test: install
