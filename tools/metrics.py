@@ -38,7 +38,8 @@ from threadpoolctl import threadpool_limits
 from tools.runtime import available_cores
 from tools.stats import MIN_BOOT, SCORE_METRICS, bootstrap_p, hull, score_interval
 
-METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec", "sens@0.5", "spec@0.5")
+SPEC_METRICS = ("auroc", "auprc", "f1@0.5", "sens@95spec")  # the metrics schema's, in its order
+METRICS = (*SPEC_METRICS, "sens@0.5", "spec@0.5")
 # 0.01, 0.02, ..., 0.99: integer / 100 is the correctly rounded double, so 0.5 is exactly 0.5.
 THRESHOLDS = np.arange(1, 100) / 100.0
 REFERENCE_THRESHOLD = 0.5

@@ -14,7 +14,7 @@ from tabulate import tabulate
 from tools import distributed, figures
 from tools.corruptions import PARAM_NAMES, SEVERITIES
 from tools.files import write_csv, write_json
-from tools.metrics import METRICS, bootstrap_resamples, compute_metrics, difference, scores, sigmoid
+from tools.metrics import METRICS, SPEC_METRICS, bootstrap_resamples, compute_metrics, difference, scores, sigmoid
 from tools.runtime import Run
 from tools.slicing import group_values
 from tools.splits import SplitData
@@ -23,12 +23,14 @@ log = logging.getLogger("cxr")
 
 
 def _row(name, severity, param, metrics, delta, labels) -> dict:
-    """One stress_summary.csv row; ``delta`` is the difference to the clean pass (None for clean)."""
+    """One stress_summary.csv row; ``delta`` is the difference to the clean pass (None for clean).
+    SPEC's columns come first, in SPEC's order; the further macro metrics follow them."""
     row = {"corruption": name, "severity": severity, "param": param}
-    row.update({f"macro_{m}": metrics["macro"][m] for m in METRICS})
+    row.update({f"macro_{m}": metrics["macro"][m] for m in SPEC_METRICS})
     row["delta_auroc"] = delta["macro"]["auroc"] if delta else 0.0
     row["delta_auprc"] = delta["macro"]["auprc"] if delta else 0.0
     row.update({f"auroc_{lbl}": metrics["per_class"][lbl]["auroc"] for lbl in labels})
+    row.update({f"macro_{m}": metrics["macro"][m] for m in METRICS if m not in SPEC_METRICS})
     for lbl in labels:
         block = delta["per_class"][lbl] if delta else {"auroc": 0.0}
         ci = (block.get("ci95") or {}).get("auroc") or [None, None]
