@@ -749,9 +749,9 @@ def sklearn_reference(y, p, w) -> list[float]:
 class ReferenceLoop:
     """The same numbers as :class:`ScaleAnalyses`, one resample at a time: scikit-learn with row
     weights for AUROC, AUPRC, F1, the sensitivities and the specificity (every label, the micro
-    average, every group and every rest), the suite's unweighted ECE, NLL, Brier, temperature fit and risk-coverage summary
-    on the resample's rows repeated by their multiplicity. Each method returns, per resample, the
-    values that the suite's resamples can be checked against."""
+    average, every group and every rest), the suite's unweighted ECE, NLL, Brier, temperature fit
+    and risk-coverage summary on the resample's rows repeated by their multiplicity. Each method
+    returns, per resample, the values that the suite's resamples can be checked against."""
 
     def __init__(self, test: dict, calib: dict, weights: np.ndarray, calib_weights: np.ndarray):
         self.test, self.calib, self.weights, self.calib_weights = test, calib, weights, calib_weights

@@ -13,8 +13,9 @@ Binary metrics per label, computed on the rows whose label is known (NaN = unkno
 - ``sens@95spec``: the largest sensitivity over ROC operating points with specificity >= 0.95
   (all points, as ``sklearn.metrics.roc_curve(drop_intermediate=False)``).
 
-AUROC, AUPRC and the sensitivities are undefined (NaN, written as JSON null) for a label with one class
-only. Macro = mean over labels whose metric is defined; micro = all known (image, label) pairs pooled.
+AUROC, AUPRC, the sensitivities and the specificity are undefined (NaN, written as JSON null) for
+a label with one class only. Macro = mean over labels whose metric is defined; micro = all known
+(image, label) pairs pooled.
 
 Everything accepts resample weights. A patient bootstrap resample is held as the number of times
 each patient was drawn (:class:`Resamples`). One sort per label serves every resample: the items in
