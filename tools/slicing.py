@@ -5,7 +5,8 @@ same patient-level resamples and a p-value of "no gap" (for AUROC, the sensitivi
 specificity widened by the score intervals of ``tools.stats``, so a gap at a boundary is not a
 point). A gap is a candidate failure only when it is ``flaggable``: the column is not a function of
 the labels, the label has both classes on both sides, and both sides hold MIN_POSITIVES positives
-and MIN_NEGATIVES negatives. The failure list and its correction for many comparisons are ``tools.findings``'.
+and MIN_NEGATIVES negatives. The failure list and its correction for many comparisons are
+``tools.findings``'.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def mark_gaps(block: dict, group_counts, rest_counts, labels, derived: bool) -> 
 def _score_gap_intervals(groups: dict, labels) -> None:
     """Per-label AUROC, sensitivity and specificity gaps: interval = hull of the paired bootstrap
     and the MOVER interval of the two sides' score intervals (group and rest are different
-    patients), p-value = the larger of the two tests'. One vectorised call per metric for the whole column."""
+    patients), p-value = the larger of the two tests'. One vectorised call per metric for the whole
+    column."""
     items = [(block, lbl) for block in groups.values() if block["gap_to_rest"] for lbl in labels]
     for m in SCORE_METRICS:
         rows = []
