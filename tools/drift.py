@@ -292,10 +292,10 @@ def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PRO
                     "p_value": None if test is None else float(test.pvalue)}
             samples, distance = (x, y), ks_distance
         else:
-            row |= {"kind": "categorical", "statistic": "chi2", "reference_mode": _mode(a), "new_mode": _mode(b),
-                    **_categorical(a, b)}
             codes = pd.factorize(pd.concat([_categories(a), _categories(b)]))[0]
             samples, distance = (codes[:len(a)], codes[len(a):]), tv_distance
+            row |= {"kind": "categorical", "statistic": "chi2", "reference_mode": _mode(a), "new_mode": _mode(b),
+                    **_categorical(*samples)}
         if row["distance"] is not None and n_boot > 0 and min(map(len, samples)):
             draws = [distance(*(v[rng.integers(0, len(v), len(v))] for v in samples)) for _ in range(n_boot)]
             row["distance_ci_low"], row["distance_ci_high"] = percentile_ci(np.asarray(draws))
@@ -329,17 +329,16 @@ def _mode(values: pd.Series):
     return None if counts.empty else str(counts.index[0])
 
 
-def _categorical(a: pd.Series, b: pd.Series) -> dict:
-    """Total variation distance of the two samples' category shares and the chi-square test of
-    their 2 x k table (p = 1 with a single category)."""
-    table = pd.crosstab(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[_categories(a), _categories(b)])
-    if table.shape[0] < 2:
+def _categorical(a: np.ndarray, b: np.ndarray) -> dict:
+    """Total variation distance (``tv_distance``) of two samples of category codes (0..k-1, each
+    code in one of them at least) and the chi-square test of their 2 x k table of counts (p = 1
+    with a single category; neither when a sample is empty)."""
+    if not len(a) or not len(b):
         return {"distance": None, "p_value": None}
-    counts = table.to_numpy(float)
-    shares = counts / counts.sum(1, keepdims=True)
-    distance = float(0.5 * np.abs(shares[0] - shares[1]).sum())
-    p = 1.0 if counts.shape[1] < 2 else float(chi2_contingency(counts, correction=False)[1])
-    return {"distance": distance, "p_value": p}
+    k = int(max(a.max(), b.max())) + 1
+    counts = np.stack([np.bincount(a, minlength=k), np.bincount(b, minlength=k)]).astype(float)
+    p = 1.0 if k < 2 else float(chi2_contingency(counts, correction=False)[1])
+    return {"distance": tv_distance(a, b), "p_value": p}
 
 
 # ====== predictions ======
