@@ -292,7 +292,7 @@ def property_drift(reference: pd.DataFrame, new: pd.DataFrame, n_boot: int = PRO
                     "p_value": None if test is None else float(test.pvalue)}
             samples, distance = (x, y), ks_distance
         else:
-            codes = pd.factorize(pd.concat([_categories(a), _categories(b)]))[0]
+            codes = pd.factorize(pd.concat([categories(a), categories(b)]))[0]
             samples, distance = (codes[:len(a)], codes[len(a):]), tv_distance
             row |= {"kind": "categorical", "statistic": "chi2", "reference_mode": _mode(a), "new_mode": _mode(b),
                     **_categorical(*samples)}
@@ -319,13 +319,13 @@ def tv_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(0.5 * np.abs(np.bincount(a, minlength=k) / len(a) - np.bincount(b, minlength=k) / len(b)).sum())
 
 
-def _categories(values: pd.Series) -> pd.Series:
+def categories(values: pd.Series) -> pd.Series:
     """Values as text categories, a missing value its own category."""
     return values.astype(object).where(values.notna(), "(missing)").astype(str)
 
 
 def _mode(values: pd.Series):
-    counts = _categories(values).value_counts()
+    counts = categories(values).value_counts()
     return None if counts.empty else str(counts.index[0])
 
 

@@ -364,6 +364,7 @@ def property_drift_figure(reference: pd.DataFrame, new: pd.DataFrame, table: pd.
     """One panel per tested property: the two samples' distributions (density histograms on
     common bins for a number, shares of the most common values for a category), titled with the
     distance and p-value of ``tools.drift.property_drift``'s ``table``."""
+    from tools.drift import categories  # the categories the table's test counted
     rows = list(table.itertuples(index=False))
     ncol = min(3, max(1, len(rows)))
     nrow = max(1, -(-len(rows) // ncol))
@@ -382,8 +383,7 @@ def property_drift_figure(reference: pd.DataFrame, new: pd.DataFrame, table: pd.
                         label=f"{name} (n={len(values)})")
             ax.set(xlabel=row.property, ylabel="density")
         else:
-            shares = [frame[row.property].astype(object).where(frame[row.property].notna(), "(missing)").astype(str)
-                      .value_counts(normalize=True) for _, frame, _ in sides]
+            shares = [categories(frame[row.property]).value_counts(normalize=True) for _, frame, _ in sides]
             shown = (shares[0].add(shares[1], fill_value=0).sort_values(ascending=False).index[:MAX_CATEGORIES])
             x = np.arange(len(shown))
             for k, ((name, frame, colour), share) in enumerate(zip(sides, shares)):
