@@ -316,6 +316,26 @@ def test_seeded_augment_depends_only_on_seed_stream_draw_index():
     assert not np.array_equal(a, SeededAugment(seed=7, stream=1, draw=2)(image, 5))
 
 
+def test_training_batches_do_not_depend_on_loader_workers(three_images):
+    """Training on the CPU augments in the main process (Run.pass_workers is 0 there), on a GPU in
+    loader workers: both must see the same augmented films in the same shuffled order."""
+    from tools.dataset import make_loader
+    from tools.runtime import Run
+
+    y = np.zeros((3, 1), np.float32)
+    ds = CXRDataset(three_images * 4, np.tile(y, (4, 1)), image_size=24, transform=SeededAugment(3, stream=0, draw=1))
+    batches = {}
+    for workers in (0, 1):
+        loader = make_loader(ds, 5, workers, torch.device("cpu"), shuffle=True, seed=4, persistent=False)
+        batches[workers] = [(b["index"].tolist(), b["image"].numpy()) for b in loader]
+    assert [i for i, _ in batches[0]] == [i for i, _ in batches[1]]
+    assert sorted(sum((i for i, _ in batches[0]), [])) == list(range(12))  # shuffled, each once
+    for (_, a), (_, b) in zip(batches[0], batches[1]):
+        np.testing.assert_array_equal(a, b)
+    assert Run(outdir=".", device=torch.device("cpu")).pass_workers == 0
+    assert Run(outdir=".", device=torch.device("cpu"), num_workers=2).pass_workers == 2
+
+
 # ====== the pixel cache ======
 
 def test_build_store_in_memory_matches_letterbox_and_lists_bad(tmp_path, three_images):

@@ -155,9 +155,11 @@ class Run:
 
     @property
     def pass_workers(self) -> int:
-        """Loader processes for passes over decoded pixels: reading them costs microseconds and a
-        corruption well under a millisecond, so the CPU needs none (workers would only compete
-        with the model for cores); a GPU consumes images fast enough to want them."""
+        """Loader processes for passes over decoded pixels, training's included: reading them
+        costs microseconds, and a corruption or a training augmentation well under a millisecond
+        (0.15 ms at 128 px, 0.34 ms at 224 px), so the CPU needs none: a worker only competes with
+        the model for the cores, and is forked again every epoch (measured on 2 cores: a training
+        epoch 12% slower with one). A GPU consumes images fast enough to want them."""
         if self.num_workers is not None:
             return self.num_workers
         return default_workers() if self.device.type == "cuda" else 0

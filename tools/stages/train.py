@@ -140,7 +140,7 @@ def train(run: Run, source: Source, labels, image_size: int, recipe: Recipe, fra
     # ====== epochs ======
     for epoch in range(start_epoch, recipe.epochs + 1):
         augment.draw = epoch
-        loader = make_loader(train_set, recipe.batch_size, run.workers, run.device, shuffle=True,
+        loader = make_loader(train_set, recipe.batch_size, run.pass_workers, run.device, shuffle=True,
                              seed=run.seed + epoch, persistent=False)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
