@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-cuda.txt | cksum | cut -d' ' -f1)
 BENCH_STAMP := $(VENV)/.bench-$(shell cksum requirements-bench.txt | cut -d' ' -f1)
 DEMO := data/demo
 SITE := data/demo_site
@@ -21,8 +21,12 @@ TEST_WORKERS ?= $(shell n=$(NPROC); [ $$n -gt 4 ] && n=4; echo $$n)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-cuda.txt
 	$(PYTHON) -m venv $(VENV)
+	# pip unpacks wheels on one core: both pinned lists at once, each without resolving (--no-deps),
+	# then one pip that resolves the whole and installs whatever they missed (nothing, normally).
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements-cuda.txt & \
+	$(PY) -m pip install -q --no-compile --no-deps -r requirements.txt; wait
 	$(PY) -m pip install -q --no-compile -r requirements.txt
 	# Byte-compile only what the suite imports: pip would compile every file of torch (a minute more).
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -c "import torch, torchvision, sklearn.linear_model, sklearn.model_selection, \
